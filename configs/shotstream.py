@@ -1,0 +1,129 @@
+"""ShotStream model configuration: `get_config('tiny' | 'wan_1_3b')`.
+
+Used as `--config=configs/shotstream.py:wan_1_3b --config.model.rope.theta=0` by the entry points
+in `launch/`, and imported directly by tests (`from configs import shotstream`).
+
+Sections:
+  model  the Wan DiT shared by teacher, critic and student (DESIGN 4.1-4.3)
+  vae    the Wan2.1 causal 3D VAE (DESIGN 4.6)
+  text   the umT5 text encoder (DESIGN 4.6)
+"""
+
+import ml_collections
+
+PRESETS = ('tiny', 'wan_1_3b')
+
+# Wan2.1 VAE latent normalisation (DESIGN 4.6): latents are (mu - mean) / std.
+WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                   0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  """The DiT section. `wan_1_3b` is Wan2.1-T2V-1.3B exactly (1,418,996,800 params)."""
+  _check_preset(preset)
+  m = ml_collections.ConfigDict()
+  if preset == 'wan_1_3b':
+    m.dim = 1536
+    m.num_layers = 30
+    m.num_heads = 12          # head_dim = dim // num_heads = 128
+    m.ffn_dim = 8960
+    m.freq_dim = 256
+    m.text_dim = 4096
+    m.text_len = 512
+  else:  # tiny: runs in milliseconds on CPU
+    m.dim = 64
+    m.num_layers = 2
+    m.num_heads = 2           # head_dim 32 -> RoPE pairs 6 / 5 / 5
+    m.ffn_dim = 128
+    m.freq_dim = 32
+    m.text_dim = 32
+    m.text_len = 16
+  m.in_channels = 16
+  m.out_channels = 16
+  m.patch_size = (1, 2, 2)
+  m.eps = 1e-6
+
+  # 3D RoPE with the shot discontinuity (DESIGN 4.2). The temporal angle of pair i is
+  #   (frame_pos + position_gap * frame_shot) * base**(-2i/d_t) + theta * frame_shot.
+  # theta = 1/6 is the reference's phase; position_gap = 0 its (absent) position jump.
+  m.rope = ml_collections.ConfigDict()
+  m.rope.base = 10000.0
+  m.rope.theta = 1.0 / 6.0
+  m.rope.position_gap = 0
+
+  # Block-causal structure of the student (DESIGN 4.4): leading clean context frames, then
+  # chunks of `chunk_frames` latent frames.
+  m.chunk_frames = 3
+  m.context_frames = 6
+
+  # Numerics and kernels. Params are always kept in `param_dtype` (fp32 master weights).
+  m.dtype = 'float32'         # compute dtype: 'float32' | 'bfloat16'
+  m.param_dtype = 'float32'
+  m.attention = 'xla'         # 'xla' | 'cudnn' (GPU only)
+  m.remat = False             # nn.remat per block (training)
+  return m
+
+
+def vae_config(preset: str) -> ml_collections.ConfigDict:
+  """The Wan2.1 causal VAE section (`wan_1_3b` -> the published Wan2.1 VAE)."""
+  _check_preset(preset)
+  v = ml_collections.ConfigDict()
+  if preset == 'wan_1_3b':
+    v.base_dim = 96
+    v.dim_mult = (1, 2, 4, 4)
+  else:
+    v.base_dim = 8
+    v.dim_mult = (1, 2, 2, 2)
+  v.z_dim = 16
+  v.num_res_blocks = 2
+  v.temporal_downsample = (False, True, True)
+  v.latent_mean = WAN_LATENT_MEAN
+  v.latent_std = WAN_LATENT_STD
+  v.dtype = 'float32'
+  return v
+
+
+def text_config(preset: str) -> ml_collections.ConfigDict:
+  """The umT5 encoder section (`wan_1_3b` -> umT5-XXL)."""
+  _check_preset(preset)
+  t = ml_collections.ConfigDict()
+  if preset == 'wan_1_3b':
+    t.vocab_size = 256384
+    t.d_model = 4096
+    t.num_heads = 64
+    t.d_kv = 64
+    t.d_ff = 10240
+    t.num_layers = 24
+  else:
+    t.vocab_size = 512
+    t.d_model = 32
+    t.num_heads = 2
+    t.d_kv = 16
+    t.d_ff = 64
+    t.num_layers = 2
+  t.relative_buckets = 32
+  t.relative_max_distance = 128
+  t.eps = 1e-6
+  t.text_len = model_config(preset).text_len
+  t.dtype = 'bfloat16' if preset == 'wan_1_3b' else 'float32'
+  return t
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  """Full config for a preset name (`tiny` or `wan_1_3b`)."""
+  preset = (arg or 'tiny').strip()
+  _check_preset(preset)
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.model = model_config(preset)
+  c.vae = vae_config(preset)
+  c.text = text_config(preset)
+  c.seed = 0
+  return c
+
+
+def _check_preset(preset: str) -> None:
+  if preset not in PRESETS:
+    raise ValueError(f'config preset: unknown preset {preset!r}; accepted: {", ".join(PRESETS)}')

@@ -1,0 +1,344 @@
+"""The Wan2.1 DiT as one Flax linen module for teacher, critic and student (DESIGN 4.1-4.3).
+
+    velocity = WanDiT(config.model).apply({'params': params}, latents, timesteps, context,
+                                          frame_pos=..., frame_shot=..., frame_caption=...,
+                                          attention='bidirectional' | 'block_causal')
+
+What ShotStream adds to Wan, and how it appears here:
+  * one timestep per latent frame (`timesteps [B, F]`): the time embedding `e` and the six
+    modulation vectors `e0` are per frame and broadcast over that frame's tokens;
+  * a shot-aware temporal RoPE (`frame_pos`, `frame_shot`; see rope.py);
+  * per-frame caption routing (`frame_caption` indexes rows of `context`), kept separate from the
+    RoPE shot id;
+  * the student's block-causal mask over [context frames | chunk 0 | chunk 1 | ...].
+
+Param names mirror the original Wan checkpoint (`blocks`, `self_attn.q`, `norm3`, `ffn_0`,
+`head.head`, ...), with the 30 blocks stacked on a leading layer axis (`nn.scan`). The residual
+stream, norms, modulation and RoPE run in float32; matmuls and attention in `config.dtype`.
+
+Cached modes (the streaming student) use two seams: `return_kv=True` returns every layer's
+post-RoPE self-attention K/V, and `prefix_kv=(k, v, valid)` lets the queries attend to extra
+per-layer K/V (the global and local caches) in front of their own.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax.models import attention as attn_lib
+from shotstream_jax.models import rope as rope_lib
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype_of(name: str, field: str = 'model.dtype'):
+  if name not in _DTYPES:
+    raise ValueError(f'{field}: unknown dtype {name!r}; accepted: {", ".join(_DTYPES)}')
+  return _DTYPES[name]
+
+
+def timestep_sinusoid(t, dim: int):
+  """Wan's timestep features: [cos | sin] of t * 10000**(-j/(dim/2)), float32."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  arg = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+def _xavier(axes):
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def Dense(features: int, axes: tuple, dtype=jnp.float32, zero_init: bool = False, name=None):
+  """nn.Dense with logical axis names, fp32 params and a compute dtype."""
+  init = _zeros(axes) if zero_init else _xavier(axes)
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=init,
+                  bias_init=_zeros(axes[-1:]), name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMS norm over the last axis with a learned scale, computed in float32."""
+  eps: float
+  axis_name: str = 'embed'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', _ones((self.axis_name,)), (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+
+
+def _layer_norm(eps, affine, name=None):
+  return nn.LayerNorm(epsilon=eps, use_bias=affine, use_scale=affine, dtype=jnp.float32,
+                      param_dtype=jnp.float32, use_fast_variance=False, name=name,
+                      scale_init=_ones(('embed',)), bias_init=_zeros(('embed',)))
+
+
+def _modulate(x, shift, scale, num_frames):
+  """x [B, F*S, D] * (1 + scale) + shift with per-frame shift/scale [B, F, D]."""
+  b, t, d = x.shape
+  x = x.reshape(b, num_frames, t // num_frames, d)
+  x = x * (1 + scale[:, :, None]) + shift[:, :, None]
+  return x.reshape(b, t, d)
+
+
+def _gate(y, gate, num_frames):
+  b, t, d = y.shape
+  y = y.astype(jnp.float32).reshape(b, num_frames, t // num_frames, d) * gate[:, :, None]
+  return y.reshape(b, t, d)
+
+
+class SelfAttention(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, angles, mask, prefix_kv):
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    heads, hd = cfg.num_heads, cfg.dim // cfg.num_heads
+    b, t, _ = x.shape
+    q = RMSNorm(cfg.eps, 'heads', name='norm_q')(Dense(cfg.dim, ('embed', 'heads'), dt, name='q')(x))
+    k = RMSNorm(cfg.eps, 'heads', name='norm_k')(Dense(cfg.dim, ('embed', 'heads'), dt, name='k')(x))
+    v = Dense(cfg.dim, ('embed', 'heads'), dt, name='v')(x)
+    q = rope_lib.apply_rope(q.reshape(b, t, heads, hd), angles).astype(dt)
+    k = rope_lib.apply_rope(k.reshape(b, t, heads, hd), angles).astype(dt)
+    v = v.reshape(b, t, heads, hd).astype(dt)
+    new_kv = (k, v)
+    if prefix_kv is not None:
+      pk, pv, valid = prefix_kv
+      own = jnp.ones((b, 1, t, t), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, t, t))
+      pre = jnp.broadcast_to(valid[:, None, None, :], (b, 1, t, pk.shape[1]))
+      mask = jnp.concatenate([pre, own], axis=-1)
+      k = jnp.concatenate([pk.astype(dt), k], axis=1)
+      v = jnp.concatenate([pv.astype(dt), v], axis=1)
+    out = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
+    out = Dense(cfg.dim, ('heads', 'embed'), dt, name='o')(out.reshape(b, t, cfg.dim))
+    return out, new_kv
+
+
+class CrossAttention(nn.Module):
+  """Video tokens attend to text rows; optionally each frame to its own caption."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, text, frame_caption, num_frames):
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    heads, hd = cfg.num_heads, cfg.dim // cfg.num_heads
+    b, t, _ = x.shape
+    n, l, _ = text.shape
+    q = RMSNorm(cfg.eps, 'heads', name='norm_q')(Dense(cfg.dim, ('embed', 'heads'), dt, name='q')(x))
+    k = RMSNorm(cfg.eps, 'heads', name='norm_k')(Dense(cfg.dim, ('embed', 'heads'), dt, name='k')(text))
+    v = Dense(cfg.dim, ('embed', 'heads'), dt, name='v')(text)
+    k = k.reshape(n, l, heads, hd).astype(dt)
+    v = v.reshape(n, l, heads, hd).astype(dt)
+    if frame_caption is None:  # one caption per batch row
+      q = q.reshape(b, t, heads, hd).astype(dt)
+      out = attn_lib.dot_product_attention(q, k, v, implementation=cfg.attention)
+    else:  # each latent frame attends to the caption it is routed to
+      s = t // num_frames
+      q = q.reshape(b * num_frames, s, heads, hd).astype(dt)
+      idx = frame_caption.reshape(-1)
+      out = attn_lib.dot_product_attention(q, k[idx], v[idx], implementation=cfg.attention)
+    return Dense(cfg.dim, ('heads', 'embed'), dt, name='o')(out.reshape(b, t, cfg.dim))
+
+
+class WanBlock(nn.Module):
+  """One DiT block; scanned over layers (carry = residual stream)."""
+  cfg: Any
+  return_kv: bool = False
+
+  @nn.compact
+  def __call__(self, x, prefix_kv, shared):
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    e0, num_frames = shared['e0'], shared['e0'].shape[1]
+    mod = self.param('modulation', _modulation_init(('norm', None, 'embed')),
+                     (1, 6, cfg.dim), jnp.float32)
+    shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod[None] + e0, 6, axis=2)
+    shift, scale, gate, c_shift, c_scale, c_gate = (
+        a[:, :, 0] for a in (shift, scale, gate, c_shift, c_scale, c_gate))
+
+    h = _modulate(_layer_norm(cfg.eps, False, 'norm1')(x), shift, scale, num_frames)
+    y, kv = SelfAttention(cfg, name='self_attn')(h.astype(dt), shared['angles'], shared['mask'],
+                                                 prefix_kv)
+    x = x + _gate(y, gate, num_frames)
+
+    h = _layer_norm(cfg.eps, True, 'norm3')(x).astype(dt)
+    x = x + CrossAttention(cfg, name='cross_attn')(h, shared['text'], shared['frame_caption'],
+                                                   num_frames).astype(jnp.float32)
+
+    h = _modulate(_layer_norm(cfg.eps, False, 'norm2')(x), c_shift, c_scale, num_frames)
+    y = Dense(cfg.ffn_dim, ('embed', 'mlp'), dt, name='ffn_0')(h.astype(dt))
+    y = Dense(cfg.dim, ('mlp', 'embed'), dt, name='ffn_2')(nn.gelu(y, approximate=True))
+    x = x + _gate(y, c_gate, num_frames)
+    return x, (kv if self.return_kv else None)
+
+
+def _modulation_init(axes):
+  def init(key, shape, dtype):
+    return jax.random.normal(key, shape, dtype) / np.sqrt(shape[-1])
+  return nn.with_logical_partitioning(init, axes)
+
+
+class Head(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, e, num_frames):
+    cfg = self.cfg
+    mod = self.param('modulation', _modulation_init(('norm', None, 'embed')),
+                     (1, 2, cfg.dim), jnp.float32)
+    shift, scale = jnp.split(mod[None] + e[:, :, None], 2, axis=2)
+    h = _modulate(_layer_norm(cfg.eps, False, 'norm')(x), shift[:, :, 0], scale[:, :, 0],
+                  num_frames)
+    out_dim = cfg.out_channels * int(np.prod(cfg.patch_size))
+    return Dense(out_dim, ('embed', None), dtype_of(cfg.dtype), zero_init=True,
+                 name='head')(h.astype(dtype_of(cfg.dtype)))
+
+
+class WanDiT(nn.Module):
+  """Wan2.1 T2V DiT with per-frame timesteps, shot-aware RoPE and caption routing.
+
+  Attributes:
+    config: the `model` section of configs/shotstream.py.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, latents, timesteps, context, frame_pos=None, frame_shot=None,
+               frame_caption=None, attention: str = 'bidirectional',
+               chunk_frames: Optional[int] = None, context_frames: Optional[int] = None,
+               prefix_kv=None, return_kv: bool = False):
+    """Flow velocity for `latents`.
+
+    Args:
+      latents: [B, F, H, W, C] latent video, channels last.
+      timesteps: [B, F] flow timesteps in [0, 1000], one per latent frame ([F] or a scalar
+        broadcast).
+      context: [N, L, text_dim] text embeddings; N = B, or the number of captions when
+        `frame_caption` is given.
+      frame_pos: int [F] or [B, F] temporal RoPE positions (default arange(F)).
+      frame_shot: int [F] or [B, F] RoPE shot ids (default zeros).
+      frame_caption: int [F] or [B, F] caption row of `context` for each frame (default: row b
+        for batch element b).
+      attention: 'bidirectional' (teacher, critic) or 'block_causal' (student training).
+      chunk_frames, context_frames: the block-causal layout (default: from the config).
+      prefix_kv: optional per-layer (k [L, B, P, H, Dh], v, valid [B, P]) attended in front of
+        the sequence's own keys (the streaming caches).
+      return_kv: also return the stacked per-layer post-RoPE (k, v) of this call's tokens.
+
+    Returns:
+      velocity [B, F, H, W, C_out] in float32, and (k, v) if `return_kv`.
+    """
+    cfg = self.config
+    dt = dtype_of(cfg.dtype)
+    b, f, hgt, wid, c = _check_latents(latents, cfg)
+    pt, ph, pw = cfg.patch_size
+    fp, hp, wp = f // pt, hgt // ph, wid // pw
+    timesteps = _per_frame('timesteps', timesteps, b, fp, jnp.float32)
+    frame_pos = _per_frame('frame_pos', frame_pos, b, fp, jnp.int32, jnp.arange(fp))
+    frame_shot = _per_frame('frame_shot', frame_shot, b, fp, jnp.int32, jnp.zeros(fp))
+    if frame_caption is not None:
+      frame_caption = _per_frame('frame_caption', frame_caption, b, fp, jnp.int32)
+    elif context.shape[0] != b:
+      raise ValueError(f'context: has {context.shape[0]} rows but the batch has {b}; pass '
+                       'frame_caption to route frames to captions')
+    if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+      raise ValueError(f'context: expected [N, L, {cfg.text_dim}], got {tuple(context.shape)}')
+
+    # Patchify: (pt, ph, pw, C) per token, C fastest; tokens laid out (frame, h, w).
+    x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b, fp * hp * wp, pt * ph * pw * c)
+    x = Dense(cfg.dim, (None, 'embed'), dt, name='patch_embedding')(x.astype(dt))
+    x = x.astype(jnp.float32)
+
+    # Per-frame time embedding e [B, F, D] and modulation e0 [B, F, 6, D], in float32.
+    sin = timestep_sinusoid(timesteps, cfg.freq_dim)
+    e = Dense(cfg.dim, (None, 'embed'), jnp.float32, name='time_embedding_0')(sin)
+    e = Dense(cfg.dim, ('mlp', 'embed'), jnp.float32, name='time_embedding_2')(nn.silu(e))
+    e0 = Dense(6 * cfg.dim, ('embed', 'mlp'), jnp.float32, name='time_projection')(nn.silu(e))
+    e0 = e0.reshape(b, fp, 6, cfg.dim)
+
+    text = Dense(cfg.dim, (None, 'embed'), dt, name='text_embedding_0')(context.astype(dt))
+    text = Dense(cfg.dim, ('mlp', 'embed'), dt, name='text_embedding_2')(
+        nn.gelu(text, approximate=True))
+
+    angles = rope_lib.rope_angles(frame_pos, frame_shot, hp, wp, cfg.dim // cfg.num_heads,
+                                  base=cfg.rope.base, theta=cfg.rope.theta,
+                                  position_gap=cfg.rope.position_gap)
+    if attention not in attn_lib.ATTENTION_MODES:
+      raise ValueError(f'attention: unknown mode {attention!r}; accepted: '
+                       f'{", ".join(attn_lib.ATTENTION_MODES)}')
+    mask = None
+    if attention == 'block_causal':
+      mask = attn_lib.block_causal_mask(
+          fp, hp * wp, cfg.chunk_frames if chunk_frames is None else chunk_frames,
+          cfg.context_frames if context_frames is None else context_frames)
+
+    shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption)
+    block = nn.remat(WanBlock, prevent_cse=False) if cfg.remat else WanBlock
+    blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, kv = blocks(cfg, return_kv, name='blocks')(x, prefix_kv, shared)
+
+    out = Head(cfg, name='head')(x, e, fp).astype(jnp.float32)
+    out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_channels)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hgt, wid, cfg.out_channels)
+    return (out, kv) if return_kv else out
+
+
+def _check_latents(latents, cfg):
+  if latents.ndim != 5:
+    raise ValueError(f'latents: expected [B, F, H, W, C], got shape {tuple(latents.shape)}')
+  b, f, h, w, c = latents.shape
+  if c != cfg.in_channels:
+    raise ValueError(f'latents: expected {cfg.in_channels} channels (last axis), got {c}')
+  for name, size, p in (('frames', f, cfg.patch_size[0]), ('height', h, cfg.patch_size[1]),
+                        ('width', w, cfg.patch_size[2])):
+    if size % p:
+      raise ValueError(f'latents: {name} {size} is not a multiple of the patch size {p}')
+  return b, f, h, w, c
+
+
+def _per_frame(name, value, b, f, dtype, default=None):
+  """Broadcast a per-frame array ([], [F] or [B, F]) to [B, F]."""
+  if value is None:
+    value = default
+  value = jnp.asarray(value)
+  if value.ndim > 2 or (value.ndim == 2 and value.shape[0] not in (1, b)) or \
+     (value.ndim >= 1 and value.shape[-1] not in (1, f)):
+    raise ValueError(f'{name}: expected shape [{b}, {f}] (batch, latent frames), '
+                     f'got {tuple(value.shape)}')
+  return jnp.broadcast_to(value, (b, f)).astype(dtype)
+
+
+def init_params(config, key, latent_shape=(1, 1, 4, 4), text_len=None):
+  """Random params (a plain, unboxed pytree) for a model config."""
+  model = WanDiT(config)
+  f, h, w = latent_shape[1:] if len(latent_shape) == 4 else latent_shape
+  lat = jnp.zeros((1, f, h, w, config.in_channels))
+  ctx = jnp.zeros((1, text_len or 1, config.text_dim))
+  variables = model.init(key, lat, jnp.zeros((1, f)), ctx)
+  return nn.meta.unbox(variables['params'])
+
+
+def param_shapes(config):
+  """Parameter ShapeDtypeStructs without allocating anything."""
+  return jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+
+
+def count_params(config) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(config)))
