@@ -1,0 +1,146 @@
+"""mp4 in and out as uint8 RGB arrays [T, H, W, 3], through the static ffmpeg of imageio-ffmpeg.
+
+    frames = read_video('clip.mp4', size=(480, 832), start=0, stop=81)
+    write_video('out.mp4', frames, fps=16)
+
+Decoding resizes inside ffmpeg (area filter), which is much cheaper than decoding at full size and
+resizing in numpy; `resize_frames` is the array-side equivalent for frames already in memory.
+"""
+
+import logging
+import os
+from typing import Optional, Sequence, Tuple
+
+import imageio_ffmpeg
+import numpy as np
+
+
+class VideoError(IOError):
+  """A video that is missing, unreadable, corrupt, or shorter than asked for."""
+
+
+def probe_video(path: str) -> dict:
+  """ffmpeg's metadata for `path`: at least 'size' (W, H), 'fps', 'duration' when known."""
+  _check_exists(path)
+  gen = imageio_ffmpeg.read_frames(path)
+  try:
+    return next(gen)
+  except (RuntimeError, OSError, StopIteration) as e:
+    raise VideoError(f'{path}: not a readable video ({_short(e)})') from None
+  finally:
+    gen.close()
+
+
+def read_video(path: str, size: Optional[Tuple[int, int]] = None, start: int = 0,
+               stop: Optional[int] = None) -> np.ndarray:
+  """Frames [start, stop) of `path` as uint8 RGB [T, H, W, 3], resized to `size` = (H, W).
+
+  Reading stops at `stop`, so a slice near the start of a long video costs only that slice.
+  Raises VideoError if the file is missing or corrupt, or has fewer than `stop` frames.
+  """
+  _check_exists(path)
+  if start < 0 or (stop is not None and stop < start):
+    raise ValueError(f'read_video: need 0 <= start <= stop, got start={start} stop={stop}')
+  output_params = None
+  if size is not None:
+    h, w = _check_size(size)
+    output_params = ['-vf', f'scale={w}:{h}:flags=area']
+  # imageio-ffmpeg warns whenever the output size differs from the source: that is the point here.
+  logging.getLogger('imageio_ffmpeg').setLevel(logging.ERROR)
+  gen = imageio_ffmpeg.read_frames(path, output_params=output_params)
+  frames = []
+  try:
+    meta = next(gen)
+    if size is None:
+      w, h = meta['size']
+    frame_bytes = w * h * 3
+    for i, buf in enumerate(gen):
+      if stop is not None and i >= stop:
+        break
+      if len(buf) != frame_bytes:
+        raise VideoError(f'{path}: frame {i} has {len(buf)} bytes, expected {frame_bytes}')
+      if i >= start:
+        frames.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3))
+  except (RuntimeError, OSError, StopIteration) as e:
+    if isinstance(e, VideoError):
+      raise
+    raise VideoError(f'{path}: corrupt or unreadable video ({_short(e)})') from None
+  finally:
+    gen.close()
+  got = start + len(frames)
+  if stop is not None and got < stop:
+    raise VideoError(f'{path}: has {got} decodable frames, frames [{start}, {stop}) were asked')
+  if not frames:
+    raise VideoError(f'{path}: no decodable frames')
+  return np.stack(frames)
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 16, quality: int = 8) -> None:
+  """Write uint8 RGB frames [T, H, W, 3] (H, W even) to an h264 mp4 at `fps`."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f'write_video: frames must be [T, H, W, 3], got shape {frames.shape}')
+  if frames.dtype != np.uint8:
+    raise ValueError(f'write_video: frames must be uint8, got {frames.dtype}')
+  t, h, w, _ = frames.shape
+  if t == 0 or h % 2 or w % 2:
+    raise ValueError(f'write_video: need >= 1 frame and even H, W (yuv420p), got {frames.shape}')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  gen = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, quality=quality, macro_block_size=1,
+                                    ffmpeg_log_level='error')
+  gen.send(None)
+  for frame in frames:
+    gen.send(np.ascontiguousarray(frame))
+  gen.close()
+
+
+def resize_frames(frames: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of uint8 or float frames [..., H, W, C] to `size` = (H, W), antialiased.
+
+  Downscaling by an integer factor averages whole blocks first (as an area filter would), then a
+  bilinear pass with half-pixel centres handles the remainder. Output keeps the input dtype.
+  """
+  frames = np.asarray(frames)
+  h, w = _check_size(size)
+  in_h, in_w = frames.shape[-3], frames.shape[-2]
+  x = frames.astype(np.float32)
+  fh, fw = max(in_h // h, 1), max(in_w // w, 1)
+  if fh > 1 or fw > 1:
+    ch, cw = in_h // fh * fh, in_w // fw * fw
+    x = x[..., :ch, :cw, :]
+    x = x.reshape(*x.shape[:-3], ch // fh, fh, cw // fw, fw, x.shape[-1]).mean(axis=(-4, -2))
+  x = _linear_axis(x, h, axis=-3)
+  x = _linear_axis(x, w, axis=-2)
+  if frames.dtype == np.uint8:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+  return x.astype(frames.dtype)
+
+
+def _linear_axis(x: np.ndarray, n: int, axis: int) -> np.ndarray:
+  m = x.shape[axis]
+  if m == n:
+    return x
+  pos = np.clip((np.arange(n) + 0.5) * m / n - 0.5, 0, m - 1)
+  lo = np.floor(pos).astype(np.int64)
+  hi = np.minimum(lo + 1, m - 1)
+  frac = (pos - lo).astype(np.float32)
+  shape = [1] * x.ndim
+  shape[axis] = n
+  frac = frac.reshape(shape)
+  return np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+
+
+def _check_size(size: Sequence[int]) -> Tuple[int, int]:
+  if len(size) != 2 or any(int(s) != s or s <= 0 for s in size):
+    raise ValueError(f'size must be (height, width) positive ints, got {size!r}')
+  return int(size[0]), int(size[1])
+
+
+def _check_exists(path: str) -> None:
+  if not os.path.isfile(path):
+    raise VideoError(f'{path}: video file not found')
+
+
+def _short(e: BaseException) -> str:
+  lines = [l for l in str(e).strip().splitlines() if l.strip()]
+  return lines[-1][:200] if lines else type(e).__name__
