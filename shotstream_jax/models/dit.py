@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x, angles, mask, prefix_kv):
+  def __call__(self, x, angles, mask, prefix_kv, prefix_valid):
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     heads, hd = cfg.num_heads, cfg.dim // cfg.num_heads
@@ -116,9 +116,9 @@ class SelfAttention(nn.Module):
     v = v.reshape(b, t, heads, hd).astype(dt)
     new_kv = (k, v)
     if prefix_kv is not None:
-      pk, pv, valid = prefix_kv
+      pk, pv = prefix_kv
       own = jnp.ones((b, 1, t, t), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, t, t))
-      pre = jnp.broadcast_to(valid[:, None, None, :], (b, 1, t, pk.shape[1]))
+      pre = jnp.broadcast_to(prefix_valid[:, None, None, :], (b, 1, t, pk.shape[1]))
       mask = jnp.concatenate([pre, own], axis=-1)
       k = jnp.concatenate([pk.astype(dt), k], axis=1)
       v = jnp.concatenate([pv.astype(dt), v], axis=1)
@@ -172,7 +172,7 @@ class WanBlock(nn.Module):
 
     h = _modulate(_layer_norm(cfg.eps, False, 'norm1')(x), shift, scale, num_frames)
     y, kv = SelfAttention(cfg, name='self_attn')(h.astype(dt), shared['angles'], shared['mask'],
-                                                 prefix_kv)
+                                                 prefix_kv, shared['prefix_valid'])
     x = x + _gate(y, gate, num_frames)
 
     h = _layer_norm(cfg.eps, True, 'norm3')(x).astype(dt)
@@ -287,7 +287,12 @@ class WanDiT(nn.Module):
           fp, hp * wp, cfg.chunk_frames if chunk_frames is None else chunk_frames,
           cfg.context_frames if context_frames is None else context_frames)
 
-    shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption)
+    prefix_valid = None
+    if prefix_kv is not None:
+      pk, pv, prefix_valid = prefix_kv
+      prefix_kv = (pk, pv)
+    shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption,
+                  prefix_valid=prefix_valid)
     block = nn.remat(WanBlock, prevent_cse=False) if cfg.remat else WanBlock
     blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
