@@ -1,0 +1,44 @@
+"""Data configuration: `get_config('tiny' | 'default')`.
+
+Sections:
+  storyworld  procedural multi-shot videos with known ground truth (data/storyworld.py)
+  reference   the reference training format builder (data/reference_builder.py)
+  loader      the grain pipeline (data/loader.py)
+
+`tiny` is sized for tests and CPU training in minutes: 32x32 frames, 9 pixel frames per shot
+(= 3 latent frames after the VAE's 4x temporal compression = one student chunk).
+"""
+
+import ml_collections
+
+PRESETS = ('tiny', 'default')
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f'configs/data.py: unknown preset {arg!r}; accepted: {", ".join(PRESETS)}')
+  c = ml_collections.ConfigDict()
+
+  s = c.storyworld = ml_collections.ConfigDict()
+  s.height = 32 if arg == 'tiny' else 64
+  s.width = 32 if arg == 'tiny' else 64
+  s.frames_per_shot = 9 if arg == 'tiny' else 21  # 4k+1: 3 or 6 latent frames
+  s.min_shots = 2
+  s.max_shots = 4 if arg == 'tiny' else 5
+  s.num_train = 64 if arg == 'tiny' else 20000
+  s.num_heldout = 16 if arg == 'tiny' else 500
+  s.seed = 0                   # the whole dataset is a function of this seed
+  s.supersample = 2            # anti-aliasing: render at this multiple, then box-average
+
+  r = c.reference = ml_collections.ConfigDict()
+  r.height = 32 if arg == 'tiny' else 480
+  r.width = 48 if arg == 'tiny' else 832
+  r.frames_format = 'raw'      # 'raw' uint8 tensors, or 'mp4' re-encoded bytes (smaller)
+
+  ld = c.loader = ml_collections.ConfigDict()
+  ld.batch_size = 4
+  ld.seed = 0
+  ld.shuffle = True
+  ld.num_epochs = None         # None: repeat forever
+  ld.drop_remainder = True
+  return c
