@@ -1,0 +1,14 @@
+"""Helpers for the absl entry points in launch/: bad input ends in one line, not a traceback."""
+
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+  """Call fn; a user error (bad flag value, file, config) exits 2 with `error: <message>`."""
+  try:
+    return fn(*args, **kwargs)
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
