@@ -81,7 +81,9 @@ def vae_config(preset: str) -> ml_collections.ConfigDict:
   v.temporal_downsample = (False, True, True)
   v.latent_mean = WAN_LATENT_MEAN
   v.latent_std = WAN_LATENT_STD
-  v.dtype = 'float32'
+  v.image_channels = 3
+  v.norm_eps = 1e-12          # RMS norm: x / max(||x||, eps) * sqrt(C) * scale (F.normalize's eps)
+  v.dtype = 'float32'         # compute dtype; params stay fp32
   return v
 
 
