@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -81,6 +82,7 @@ def test_builder_on_written_set(tmp_path, written_set, frames_format):
   # A second builder on the same directory reuses the data and still reports the skips.
   b2, _ = _build(tmp_path, csv_path, height=16, width=24, frames_format=frames_format)
   assert len(b2.skipped_report()) == 2
+  assert 'tensorflow' not in sys.modules   # built and read without TensorFlow
 
 
 def test_malformed_row_stops_before_decoding(tmp_path, written_set):
