@@ -2,7 +2,10 @@
 
 import io
 import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +282,67 @@ def test_prompt_encoder_encodes_each_prompt_once(tok_dirs):
   enc(['x1', 'x2', 'x3'])  # evicts the least recently used entries (LRU of 3)
   enc('the dog')
   assert enc.encode_calls == 7
+
+
+_PEAK_SCRIPT = r'''
+import sys, threading, time
+from configs import shotstream
+from shotstream_jax.convert import umt5 as convert
+
+def anon_kib():
+  for line in open('/proc/self/status'):
+    if line.startswith('RssAnon:'):
+      return int(line.split()[1])
+
+peak = [anon_kib()]
+def watch():
+  while True:
+    peak[0] = max(peak[0], anon_kib())
+    time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+cfg = shotstream.get_config('wan_1_3b').text
+params = convert.load_umt5(sys.argv[1], cfg)
+print('PEAK_ANON_KIB', max(peak[0], anon_kib()))
+'''
+
+
+@pytest.mark.slow
+def test_umt5_xxl_import_fits_in_host_memory(tmp_path):
+  """A full-size bf16 umT5-XXL .pth (original names) imports with one copy of the weights.
+
+  The file's tensors are uninitialised (their values do not matter here); page-cache pages of
+  the mmapped file are reclaimable, so only anonymous memory is measured.
+  """
+  cfg = shotstream.get_config('wan_1_3b').text
+  sd = {}
+  for k, (top, _, blk) in convert._names(cfg, 'original').items():  # pylint: disable=protected-access
+    sd[k] = torch.empty(convert._torch_shapes(cfg)[top or blk], dtype=torch.bfloat16)  # pylint: disable=protected-access
+  path = tmp_path / 'models_t5_umt5-xxl-enc-bf16.pth'
+  torch.save(sd, path)
+  del sd
+  weights_gib = umt5.count_params(cfg) * 2 / 2**30
+  try:
+    out = subprocess.run([sys.executable, '-c', _PEAK_SCRIPT, str(path)], capture_output=True,
+                         text=True, check=True, cwd=str(pathlib.Path(__file__).parents[1]))
+  finally:
+    path.unlink()  # 11 GiB
+  peak_gib = int(re.search(r'PEAK_ANON_KIB (\d+)', out.stdout).group(1)) / 2**20
+  print(f'umT5-XXL import: weights {weights_gib:.2f} GiB, peak anonymous memory {peak_gib:.2f} GiB')
+  # one copy of the weights + the largest leaf being built (the 2 GiB embedding) + runtime
+  assert peak_gib < weights_gib + 3.5
+
+
+@pytest.mark.slow
+def test_parity_at_umt5_xxl_widths():
+  """umT5-XXL layer shapes (2 of its 24 layers, a small vocab) at a 300-token prompt, fp32."""
+  cfg = shotstream.get_config('wan_1_3b').text
+  cfg.vocab_size, cfg.num_layers, cfg.dtype = 1024, 2, 'float32'
+  model = _hf_model(cfg)
+  params = convert.umt5_from_torch(model.state_dict(), cfg)
+  ids, lengths = _batch(cfg, [300, 17], 320)
+  want = _hf_forward(model, ids, lengths)
+  got = np.asarray(jax.jit(lambda p, i, n: umt5.encode_text(p, cfg, i, n))(params, ids, lengths))
+  assert got.shape == (2, 512, 4096)
+  for row, n in enumerate(lengths):
+    np.testing.assert_allclose(got[row, :n], want[row, :n], rtol=1e-4, atol=1e-4)
+    assert not np.any(got[row, n:])
