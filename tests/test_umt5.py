@@ -199,7 +199,8 @@ _SENTENCES = [
 ]
 _PROMPTS = _SENTENCES + [
     '  a   fox\tand\na dog  ', 'fox <extra_id_0> dog </s> cat <pad>', 'Tom &amp;amp; Jerry',
-    '“quoted” text — ＡＢＣ，full width', 'zebra xylophone quokka',  # unseen pieces -> <unk>
+    '“quoted” text — ＡＢＣ，full width',
+    'zebra xylophone quokka',  # unseen pieces -> <unk>
     ' '.join(_SENTENCES * 3),  # longer than text_len: truncated with EOS kept
 ]
 _EXTRA_IDS = 7
@@ -314,9 +315,8 @@ def test_umt5_xxl_import_fits_in_host_memory(tmp_path):
   the mmapped file are reclaimable, so only anonymous memory is measured.
   """
   cfg = shotstream.get_config('wan_1_3b').text
-  sd = {}
-  for k, (top, _, blk) in convert._names(cfg, 'original').items():  # pylint: disable=protected-access
-    sd[k] = torch.empty(convert._torch_shapes(cfg)[top or blk], dtype=torch.bfloat16)  # pylint: disable=protected-access
+  sd = {k: torch.empty(shape, dtype=torch.bfloat16)
+        for k, shape in convert.checkpoint_shapes(cfg, 'original').items()}
   path = tmp_path / 'models_t5_umt5-xxl-enc-bf16.pth'
   torch.save(sd, path)
   del sd
