@@ -404,11 +404,19 @@ def param_shapes(vae: WanVAE) -> dict:
   return jax.eval_shape(lambda: init_params(vae, jax.random.PRNGKey(0)))
 
 
+_CACHE_SHAPES = {}  # (module repr, method, input shape) -> cache ShapeDtypeStructs
+
+
 def _cache_shapes(vae, method, x):
-  def run(x):
-    (_, cache), _ = vae.init_with_output(jax.random.PRNGKey(0), x, VAECache(None), method=method)
-    return cache.feats
-  return jax.eval_shape(run, x)
+  """Cache shapes from an abstract trace of one step (memoised: a trace costs ~1 s eagerly)."""
+  key = (repr(vae), method.__name__, x.shape)
+  if key not in _CACHE_SHAPES:
+    def run(x):
+      (_, cache), _ = vae.init_with_output(jax.random.PRNGKey(0), x, VAECache(None),
+                                           method=method)
+      return cache.feats
+    _CACHE_SHAPES[key] = jax.eval_shape(run, x)
+  return _CACHE_SHAPES[key]
 
 
 def _zeros_cache(shapes):
