@@ -154,3 +154,22 @@ def test_mask_layout():
     attention.frame_blocks(4, 0, 0)
   with pytest.raises(ValueError, match='context_frames: must be in'):
     attention.frame_blocks(4, 1, 5)
+
+
+def test_precomputed_text_kv_and_segmented_prefix(setup):
+  """WanTextKV + text_kv == inline text path; two prefix segments == one concatenated."""
+  cfg, params, apply = setup
+  lat, caps, t, pos, shot, cap = _story_inputs(cfg)
+  kw = dict(frame_pos=pos[:, :2], frame_shot=shot[:, :2], frame_caption=cap[:, :2])
+  base, (k, v) = apply({'params': params}, lat[:, :2], t[:, :2], caps, return_kv=True, **kw)
+  text_kv = dit.WanTextKV(cfg).apply({'params': params}, caps)
+  assert text_kv[0].shape == (cfg.num_layers, 3, 5, cfg.num_heads, cfg.dim // cfg.num_heads)
+  out = apply({'params': params}, lat[:, :2], t[:, :2], None, text_kv=text_kv, **kw)
+  np.testing.assert_allclose(out, base, atol=ATOL)
+  kw = dict(frame_pos=pos[:, 2:4], frame_shot=shot[:, 2:4], frame_caption=cap[:, 2:4])
+  ones = jnp.ones(k.shape[1:3], bool)
+  whole = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=(k, v, ones), **kw)
+  split = apply({'params': params}, lat[:, 2:4], t[:, 2:4], None, text_kv=text_kv,
+                prefix_kv=[(k[:, :, :5], v[:, :, :5], ones[:, :5]),
+                           (k[:, :, 5:], v[:, :, 5:], ones[:, 5:])], **kw)
+  np.testing.assert_allclose(split, whole, atol=ATOL)

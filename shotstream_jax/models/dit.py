@@ -104,6 +104,7 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, angles, mask, prefix_kv, prefix_valid):
+    """prefix_kv: a tuple of (k, v) segments attended in front of the own keys."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     heads, hd = cfg.num_heads, cfg.dim // cfg.num_heads
@@ -115,43 +116,68 @@ class SelfAttention(nn.Module):
     k = rope_lib.apply_rope(k.reshape(b, t, heads, hd), angles).astype(dt)
     v = v.reshape(b, t, heads, hd).astype(dt)
     new_kv = (k, v)
-    if prefix_kv is not None:
-      pk, pv = prefix_kv
+    if prefix_kv:
       own = jnp.ones((b, 1, t, t), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, t, t))
-      pre = jnp.broadcast_to(prefix_valid[:, None, None, :], (b, 1, t, pk.shape[1]))
+      pre = jnp.broadcast_to(prefix_valid[:, None, None, :], (b, 1, t, prefix_valid.shape[-1]))
       mask = jnp.concatenate([pre, own], axis=-1)
-      k = jnp.concatenate([pk.astype(dt), k], axis=1)
-      v = jnp.concatenate([pv.astype(dt), v], axis=1)
+      k = jnp.concatenate([pk.astype(dt) for pk, _ in prefix_kv] + [k], axis=1)
+      v = jnp.concatenate([pv.astype(dt) for _, pv in prefix_kv] + [v], axis=1)
     out = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
     out = Dense(cfg.dim, ('heads', 'embed'), dt, name='o')(out.reshape(b, t, cfg.dim))
     return out, new_kv
 
 
 class CrossAttention(nn.Module):
-  """Video tokens attend to text rows; optionally each frame to its own caption."""
+  """Video tokens attend to text rows; optionally each frame to its own caption.
+
+  `text_kv` (the per-caption keys and values) depends only on the prompts, so generation
+  computes it once per shot (`WanTextKV`) and passes it in; training computes it inline.
+  """
   cfg: Any
 
-  @nn.compact
-  def __call__(self, x, text, frame_caption, num_frames):
+  def setup(self):
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    self.q = Dense(cfg.dim, ('embed', 'heads'), dt, name='q')
+    self.k = Dense(cfg.dim, ('embed', 'heads'), dt, name='k')
+    self.v = Dense(cfg.dim, ('embed', 'heads'), dt, name='v')
+    self.o = Dense(cfg.dim, ('heads', 'embed'), dt, name='o')
+    self.norm_q = RMSNorm(cfg.eps, 'heads')
+    self.norm_k = RMSNorm(cfg.eps, 'heads')
+
+  def text_kv(self, text):
+    """text [N, L, D] -> (k, v) [N, L, H, Dh] in the compute dtype."""
+    cfg = self.cfg
+    n, l, _ = text.shape
+    shape = (n, l, cfg.num_heads, cfg.dim // cfg.num_heads)
+    dt = dtype_of(cfg.dtype)
+    return (self.norm_k(self.k(text)).reshape(shape).astype(dt),
+            self.v(text).reshape(shape).astype(dt))
+
+  def __call__(self, x, text_kv, frame_caption, num_frames):
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     heads, hd = cfg.num_heads, cfg.dim // cfg.num_heads
     b, t, _ = x.shape
-    n, l, _ = text.shape
-    q = RMSNorm(cfg.eps, 'heads', name='norm_q')(Dense(cfg.dim, ('embed', 'heads'), dt, name='q')(x))
-    k = RMSNorm(cfg.eps, 'heads', name='norm_k')(Dense(cfg.dim, ('embed', 'heads'), dt, name='k')(text))
-    v = Dense(cfg.dim, ('embed', 'heads'), dt, name='v')(text)
-    k = k.reshape(n, l, heads, hd).astype(dt)
-    v = v.reshape(n, l, heads, hd).astype(dt)
+    k, v = text_kv
+    q = self.norm_q(self.q(x))
     if frame_caption is None:  # one caption per batch row
       q = q.reshape(b, t, heads, hd).astype(dt)
       out = attn_lib.dot_product_attention(q, k, v, implementation=cfg.attention)
     else:  # each latent frame attends to the caption it is routed to
-      s = t // num_frames
-      q = q.reshape(b * num_frames, s, heads, hd).astype(dt)
+      q = q.reshape(b * num_frames, t // num_frames, heads, hd).astype(dt)
       idx = frame_caption.reshape(-1)
       out = attn_lib.dot_product_attention(q, k[idx], v[idx], implementation=cfg.attention)
-    return Dense(cfg.dim, ('heads', 'embed'), dt, name='o')(out.reshape(b, t, cfg.dim))
+    return self.o(out.reshape(b, t, cfg.dim))
+
+
+class _TextKVBlock(nn.Module):
+  """The text-only slice of a WanBlock (same param paths), for `WanTextKV`."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, text, _):
+    return text, CrossAttention(self.cfg, name='cross_attn').text_kv(text)
 
 
 class WanBlock(nn.Module):
@@ -160,7 +186,8 @@ class WanBlock(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x, prefix_kv, shared):
+  def __call__(self, x, layer_inputs, shared):
+    prefix_kv, text_kv = layer_inputs
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     e0, num_frames = shared['e0'], shared['e0'].shape[1]
@@ -176,8 +203,10 @@ class WanBlock(nn.Module):
     x = x + _gate(y, gate, num_frames)
 
     h = _layer_norm(cfg.eps, True, 'norm3')(x).astype(dt)
-    x = x + CrossAttention(cfg, name='cross_attn')(h, shared['text'], shared['frame_caption'],
-                                                   num_frames).astype(jnp.float32)
+    cross = CrossAttention(cfg, name='cross_attn')
+    if text_kv is None:
+      text_kv = cross.text_kv(shared['text'])
+    x = x + cross(h, text_kv, shared['frame_caption'], num_frames).astype(jnp.float32)
 
     h = _modulate(_layer_norm(cfg.eps, False, 'norm2')(x), c_shift, c_scale, num_frames)
     y = Dense(cfg.ffn_dim, ('embed', 'mlp'), dt, name='ffn_0')(h.astype(dt))
@@ -217,10 +246,10 @@ class WanDiT(nn.Module):
   config: Any
 
   @nn.compact
-  def __call__(self, latents, timesteps, context, frame_pos=None, frame_shot=None,
+  def __call__(self, latents, timesteps, context=None, frame_pos=None, frame_shot=None,
                frame_caption=None, attention: str = 'bidirectional',
                chunk_frames: Optional[int] = None, context_frames: Optional[int] = None,
-               prefix_kv=None, return_kv: bool = False):
+               prefix_kv=None, return_kv: bool = False, text_kv=None):
     """Flow velocity for `latents`.
 
     Args:
@@ -228,16 +257,18 @@ class WanDiT(nn.Module):
       timesteps: [B, F] flow timesteps in [0, 1000], one per latent frame ([F] or a scalar
         broadcast).
       context: [N, L, text_dim] text embeddings; N = B, or the number of captions when
-        `frame_caption` is given.
+        `frame_caption` is given. May be None when `text_kv` is given.
       frame_pos: int [F] or [B, F] temporal RoPE positions (default arange(F)).
       frame_shot: int [F] or [B, F] RoPE shot ids (default zeros).
       frame_caption: int [F] or [B, F] caption row of `context` for each frame (default: row b
         for batch element b).
       attention: 'bidirectional' (teacher, critic) or 'block_causal' (student training).
       chunk_frames, context_frames: the block-causal layout (default: from the config).
-      prefix_kv: optional per-layer (k [L, B, P, H, Dh], v, valid [B, P]) attended in front of
-        the sequence's own keys (the streaming caches).
+      prefix_kv: optional (k [L, B, P, H, Dh], v, valid [B, P]) or a sequence of such segments
+        attended in front of the sequence's own keys (the streaming caches).
       return_kv: also return the stacked per-layer post-RoPE (k, v) of this call's tokens.
+      text_kv: optional precomputed cross-attention (k, v) [L, N, L_text, H, Dh] from
+        `WanTextKV` (replaces `context`).
 
     Returns:
       velocity [B, F, H, W, C_out] in float32, and (k, v) if `return_kv`.
@@ -250,13 +281,16 @@ class WanDiT(nn.Module):
     timesteps = _per_frame('timesteps', timesteps, b, fp, jnp.float32)
     frame_pos = _per_frame('frame_pos', frame_pos, b, fp, jnp.int32, jnp.arange(fp))
     frame_shot = _per_frame('frame_shot', frame_shot, b, fp, jnp.int32, jnp.zeros(fp))
+    if (context is None) == (text_kv is None):
+      raise ValueError('context: pass exactly one of context (text embeddings) and text_kv')
+    if context is not None and (context.ndim != 3 or context.shape[-1] != cfg.text_dim):
+      raise ValueError(f'context: expected [N, L, {cfg.text_dim}], got {tuple(context.shape)}')
+    rows = context.shape[0] if context is not None else text_kv[0].shape[1]
     if frame_caption is not None:
       frame_caption = _per_frame('frame_caption', frame_caption, b, fp, jnp.int32)
-    elif context.shape[0] != b:
-      raise ValueError(f'context: has {context.shape[0]} rows but the batch has {b}; pass '
+    elif rows != b:
+      raise ValueError(f'context: has {rows} rows but the batch has {b}; pass '
                        'frame_caption to route frames to captions')
-    if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
-      raise ValueError(f'context: expected [N, L, {cfg.text_dim}], got {tuple(context.shape)}')
 
     # Patchify: (pt, ph, pw, C) per token, C fastest; tokens laid out (frame, h, w).
     x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
@@ -271,9 +305,7 @@ class WanDiT(nn.Module):
     e0 = Dense(6 * cfg.dim, ('embed', 'mlp'), jnp.float32, name='time_projection')(nn.silu(e))
     e0 = e0.reshape(b, fp, 6, cfg.dim)
 
-    text = Dense(cfg.dim, (None, 'embed'), dt, name='text_embedding_0')(context.astype(dt))
-    text = Dense(cfg.dim, ('mlp', 'embed'), dt, name='text_embedding_2')(
-        nn.gelu(text, approximate=True))
+    text = None if context is None else _text_embedding(cfg, context)
 
     angles = rope_lib.rope_angles(frame_pos, frame_shot, hp, wp, cfg.dim // cfg.num_heads,
                                   base=cfg.rope.base, theta=cfg.rope.theta,
@@ -287,22 +319,57 @@ class WanDiT(nn.Module):
           fp, hp * wp, cfg.chunk_frames if chunk_frames is None else chunk_frames,
           cfg.context_frames if context_frames is None else context_frames)
 
-    prefix_valid = None
-    if prefix_kv is not None:
-      pk, pv, prefix_valid = prefix_kv
-      prefix_kv = (pk, pv)
+    segments = _prefix_segments(prefix_kv)
+    prefix_valid = (jnp.concatenate([valid for _, _, valid in segments], axis=-1)
+                    if segments else None)
+    prefix_kv = tuple((k, v) for k, v, _ in segments)
     shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption,
                   prefix_valid=prefix_valid)
     block = nn.remat(WanBlock, prevent_cse=False) if cfg.remat else WanBlock
     blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, kv = blocks(cfg, return_kv, name='blocks')(x, prefix_kv, shared)
+    x, kv = blocks(cfg, return_kv, name='blocks')(x, (prefix_kv, text_kv), shared)
 
     out = Head(cfg, name='head')(x, e, fp).astype(jnp.float32)
     out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_channels)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hgt, wid, cfg.out_channels)
     return (out, kv) if return_kv else out
+
+
+class WanTextKV(nn.Module):
+  """Per-layer cross-attention keys/values of text embeddings, with `WanDiT`'s params.
+
+  `WanTextKV(cfg).apply({'params': dit_params}, context)` -> (k, v) [L, N, L_text, H, Dh]:
+  the prompt-only part of every DiT call, computed once per shot during generation.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, context):
+    cfg = self.config
+    blocks = nn.scan(_TextKVBlock, variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=0, length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    _, kv = blocks(cfg, name='blocks')(_text_embedding(cfg, context), None)
+    return kv
+
+
+def _text_embedding(cfg, context):
+  """Linear -> tanh-GELU -> Linear on umT5 rows (called inside a compact method)."""
+  dt = dtype_of(cfg.dtype)
+  text = Dense(cfg.dim, (None, 'embed'), dt, name='text_embedding_0')(context.astype(dt))
+  return Dense(cfg.dim, ('mlp', 'embed'), dt, name='text_embedding_2')(
+      nn.gelu(text, approximate=True))
+
+
+def _prefix_segments(prefix_kv):
+  """None | (k, v, valid) | [(k, v, valid), ...] -> a tuple of triples."""
+  if prefix_kv is None:
+    return ()
+  if len(prefix_kv) == 3 and hasattr(prefix_kv[0], 'ndim'):
+    return (tuple(prefix_kv),)
+  return tuple(tuple(seg) for seg in prefix_kv)
 
 
 def _check_latents(latents, cfg):
