@@ -337,6 +337,7 @@ class WanVAE(nn.Module):
   def encode_step(self, video, cache: VAECache):
     """Pixel chunk [B, t, H, W, 3] -> (normalised mu [B, t', H/8, W/8, z], cache)."""
     _check_encode_chunk(video, cache.first, self.cfg)
+    _check_cache_size(cache, video, 'video')
     x, feats = self.encoder(video, cache.feats, cache.first)
     mu = self.quant_conv(x)[0][..., :self.cfg.z_dim].astype(jnp.float32)
     mean, std = self._stats()
@@ -345,6 +346,7 @@ class WanVAE(nn.Module):
   def decode_step(self, latents, cache: VAECache):
     """Normalised latent chunk [B, n, h, w, z] -> (frames in [-1, 1], cache)."""
     _check_latents(latents, self.cfg)
+    _check_cache_size(cache, latents, 'latents')
     mean, std = self._stats()
     z = latents.astype(jnp.float32) * std + mean
     x, feats = self.decoder(self.post_quant_conv(z)[0], cache.feats, cache.first)
@@ -373,6 +375,16 @@ def _check_encode_chunk(video, first, cfg):
   if not first and (t == 0 or t % tf):
     raise ValueError(f'video: a chunk after the first must have T a positive multiple of {tf}, '
                      f'got {t}')
+
+
+def _check_cache_size(cache, x, field):
+  if cache.feats is None:
+    return
+  want = tuple(cache.feats['conv_in'].shape[i] for i in (0, 2, 3))
+  got = (x.shape[0],) + tuple(x.shape[2:4])
+  if want != got:
+    raise ValueError(f'{field}: batch, height, width {got} do not match the cache, made for '
+                     f'{want}; start a new cache with init_encode_cache / init_decode_cache')
 
 
 def _check_latents(latents, cfg):
