@@ -277,7 +277,11 @@ def test_bad_inputs(tiny):
 
 @pytest.mark.slow
 def test_full_size_parity_one_frame():
-  """The real Wan2.1 VAE shapes at one 480x832 frame (random weights)."""
+  """The real Wan2.1 VAE shapes at one 480x832 frame (random weights).
+
+  Measured on CPU: encode max abs err 1.7e-6 (latent scale 1.4), decode 7e-7 (frame scale 0.4);
+  about 2.5 minutes on 2 cores.
+  """
   cfg = shotstream.get_config('wan_1_3b').vae
   model = _randomise(_torch_vae(cfg), seed=1)
   vae = vae_lib.WanVAE(cfg)
@@ -287,8 +291,8 @@ def test_full_size_parity_one_frame():
   z = np.asarray(jax.jit(functools.partial(vae_lib.encode, vae))(params, jnp.asarray(video)))
   want_z = _normalise(cfg, mu)
   err = np.abs(z - want_z).max()
-  assert err < 10 * ENC_TOL * max(1.0, np.abs(want_z).max()), f'encode err {err:.2e}'
+  assert err < ENC_TOL, f'encode max abs err {err:.2e} at scale {np.abs(want_z).max():.2f}'
   want_x = _torch_decode(model, mu)
   x = np.asarray(jax.jit(functools.partial(vae_lib.decode, vae))(params, jnp.asarray(want_z)))
   err = np.abs(x - want_x).max()
-  assert err < 10 * DEC_TOL, f'decode err {err:.2e}'
+  assert err < DEC_TOL, f'decode max abs err {err:.2e} (frames in [-1, 1])'
