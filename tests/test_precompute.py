@@ -185,3 +185,32 @@ def test_cli_bad_input_is_one_line(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert res.returncode == 2
   assert res.stderr.strip().splitlines()[-1].startswith('error: tokenizer: required')
+
+
+def test_reference_format_trims_shots_to_4k_plus_1(world):
+  """Shots of 7 and 12 frames (a reference-builder record) -> clips of 5 and 9 frames."""
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (19, 32, 32, 3), dtype=np.uint8)
+  ex = {'frames': frames, 'shot_index': np.repeat(np.int32([0, 1]), [7, 12]),
+        'frame_index': np.concatenate([np.arange(7), np.arange(10, 22)]).astype(np.int32),
+        'frame_ranges': np.int32([[0, 7], [10, 22]]), 'shot_captions': [b'a cat', b'a dog'],
+        'global_caption': b'A story. ', 'video_path': b'v.mp4', 'line': np.int32(2)}
+  out = str(world['root'] / 'reference')
+  result = pc.precompute([ex], out, world['encoders'], context_frames=6, progress=False)
+  assert result.processed == [0]
+  rec = pc.PrecomputedSource(out)[0]
+  enc = world['encoders']
+  assert rec['id'] == 'v.mp4:2'
+  np.testing.assert_array_equal(rec['shot_frames'], [7, 12])
+  np.testing.assert_array_equal(rec['shot_latent_frames'], [2, 3])
+  unit = frames.astype(np.float32) / 127.5 - 1
+  want = np.concatenate([vae_lib.encode(enc.vae, enc.vae_params, jnp.asarray(unit[:5])[None])[0],
+                         vae_lib.encode(enc.vae, enc.vae_params, jnp.asarray(unit[7:16])[None])[0]])
+  np.testing.assert_allclose(rec['latents'], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(rec['ctx_frame_index'], [0, 1, 2, 4, 5, 6])  # linspace(0, 6, 6)
+  np.testing.assert_array_equal(rec['frame_ranges'], ex['frame_ranges'])
+  single = dict(ex, frames=frames[:7], shot_index=np.zeros(7, np.int32), shot_captions=[b'a'])
+  rec = pc.encode_example(single, enc, 6)           # one shot: no later target, no candidates
+  assert rec['ctx_latents'].shape == (0, 4, 4, 16) and rec['latents'].shape == (2, 4, 4, 16)
+  with pytest.raises(ValueError, match='every one of the 3 captioned shots needs frames'):
+    pc.encode_example(dict(ex, shot_captions=[b'a', b'b', b'c']), enc, 6)

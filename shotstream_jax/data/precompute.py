@@ -218,7 +218,8 @@ def encode_example(ex: dict, encoders: Encoders, context_frames: int, index: int
   eid = example_id(ex, index)
   frames = np.asarray(ex['frames'])
   if frames.dtype != np.uint8 or frames.ndim != 4:
-    from shotstream_jax.data import reference_builder  # mp4 bytes  # pylint: disable=g-import-not-at-top
+    # mp4 bytes (reference builder with frames_format='mp4')
+    from shotstream_jax.data import reference_builder  # pylint: disable=g-import-not-at-top
     frames = reference_builder.decode_frames(ex['frames'])
   shot_index = np.asarray(ex['shot_index'])
   captions = [_text(c) for c in ex['shot_captions']]
@@ -273,7 +274,7 @@ def _encode_frames(encoders: Encoders, frames: np.ndarray, group: int) -> np.nda
   h, w = frames.shape[1:3]
   f = vae_lib.spatial_factor(encoders.vae.cfg)
   if not len(frames):
-    return np.zeros((0, 1, h // f, w // f, encoders.vae.cfg.z_dim), np.float32)[:, 0]
+    return np.zeros((0, h // f, w // f, encoders.vae.cfg.z_dim), np.float32)
   out = []
   for i in range(0, len(frames), group):
     chunk = frames[i:i + group]
