@@ -8,7 +8,8 @@ diffusers' `AutoencoderKLWan` runs its own streaming path (post_quant_conv, then
 latent at a time with its feature cache, as Wan does). Same config and weights (diffusers'
 default init, converted through our importer), fp32 by default. JAX timings use
 block_until_ready after a warm-up call (compilation excluded); both report the median of
-`--repeats` runs. Needs the test extras (torch, diffusers).
+`--repeats` runs, taken in turns so that other load on a shared CPU hits both alike.
+Needs the test extras (torch, diffusers).
 """
 
 import functools
@@ -31,14 +32,22 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (median reported).'
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes to time (float32, bfloat16).')
 
 
-def _median_seconds(fn, repeats):
-  fn()  # warm-up (and compilation for JAX)
-  times = []
+def _seconds(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _interleaved_medians(fns, repeats):
+  """Median seconds of each fn, run in turns (A B A B ...) after one warm-up each, so that
+  load from other processes on a shared machine hits both sides alike."""
+  for fn in fns:
+    fn()  # warm-up (and compilation for JAX)
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn, ts in zip(fns, times):
+      ts.append(_seconds(fn))
+  return [statistics.median(ts) for ts in times]
 
 
 def bench(config, latent_hw, chunk, repeats, dtypes):
@@ -66,24 +75,25 @@ def bench(config, latent_hw, chunk, repeats, dtypes):
     cache = vae_lib.init_decode_cache(vae, 1, h, w)
     _, cache = step(params, cache, jnp.asarray(z[:, :1]))  # the shot's first latent
     zc = jnp.asarray(z[:, 1:])
-    ours = _median_seconds(lambda: jax.block_until_ready(step(params, cache, zc)), repeats)
+    run_ours = lambda: jax.block_until_ready(step(params, cache, zc))
 
     tdt = getattr(torch, dtype)
     model = ref.to(tdt)
     raw = torch.from_numpy(z).permute(0, 4, 1, 2, 3).to(tdt)  # scale is irrelevant for timing
     with torch.no_grad():
       model.clear_cache()
-      model.decoder(model.post_quant_conv(raw[:, :, :1]), feat_cache=model._feat_map,  # pylint: disable=protected-access
-                    feat_idx=[0], first_chunk=True)
+      feats = model._feat_map  # pylint: disable=protected-access
+      model.decoder(model.post_quant_conv(raw[:, :, :1]), feat_cache=feats, feat_idx=[0],
+                    first_chunk=True)
 
     def run_torch():
       with torch.no_grad():
         x = model.post_quant_conv(raw[:, :, 1:])
-        out = [model.decoder(x[:, :, i:i + 1], feat_cache=model._feat_map, feat_idx=[0])  # pylint: disable=protected-access
+        out = [model.decoder(x[:, :, i:i + 1], feat_cache=feats, feat_idx=[0])
                for i in range(chunk)]
         return torch.clamp(torch.cat(out, 2), -1.0, 1.0)
 
-    theirs = _median_seconds(run_torch, repeats)
+    ours, theirs = _interleaved_medians([run_ours, run_torch], repeats)
     results[dtype] = dict(ours_s=round(ours, 4), diffusers_s=round(theirs, 4),
                           speedup=round(theirs / ours, 3))
   return results

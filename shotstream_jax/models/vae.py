@@ -2,13 +2,13 @@
 
     vae = WanVAE(config.vae)
     params = init_params(vae, rng)                 # or convert.vae.load_vae(path, config.vae)
-    latents = encode(vae, params, video)           # [B, 4k+1, H, W, 3] in [-1, 1] -> [B, k+1, H/8, W/8, z]
-    frames = decode(vae, params, latents)          # -> [B, 4k+1, H, W, 3], clamped to [-1, 1]
+    latents = encode(vae, params, video)   # [B, 4k+1, H, W, 3] in [-1, 1] -> [B, k+1, H/8, W/8, z]
+    frames = decode(vae, params, latents)  # -> [B, 4k+1, H, W, 3], clamped to [-1, 1]
 
     step = jax.jit(functools.partial(decode_step, vae))
     cache = init_decode_cache(vae, batch, h, w)    # latent h, w
-    for chunk in chunks:                           # [B, n, h, w, z]: 1st chunk -> 1 + 4(n-1) frames,
-      frames, cache = step(params, cache, chunk)   #   later chunks -> 4n frames
+    for chunk in chunks:                           # [B, n, h, w, z]
+      frames, cache = step(params, cache, chunk)   # first chunk: 1 + 4(n-1) frames, later: 4n
 
 Layout is channels-last, [B, T, H, W, C]. Latents are normalised, (mu - mean) / std.
 
@@ -19,11 +19,12 @@ pieces equals processing it whole as long as each piece sees what came before:
   * the encoder's stride-2 time conv passes the clip's first frame through unconvolved and then
     convolves (f0 f1 f2), (f2 f3 f4), ...: its cache is the last input frame;
   * the decoder's 2x time upsampler also passes the first frame through, then runs a causal
-    conv (cache as above, starting from zeros) over the remaining frames, each output frame
+    conv (cache as above, starting from zeros) over the remaining frames, each input frame
     becoming two.
 Only that "first frame passes through" rule depends on where the clip starts, and it changes
 the output length. So the cache carries a static `first` flag (part of the tree structure, not
-an array): a jitted step compiles once for the first chunk and once for every later chunk.
+an array): a jitted step compiles once for the first chunk and once for all later chunks
+(per chunk shape).
 The reference's own chunking (encode 1, 4, 4, ... frames, decode 1 latent at a time) is one
 schedule among many that give the same result; `encode` / `decode` use it via `lax.scan`, which
 bounds memory by one chunk.
@@ -40,8 +41,7 @@ import numpy as np
 
 from shotstream_jax.models.dit import dtype_of
 
-CACHE_FRAMES = 2          # past frames a time-kernel-3 causal conv needs
-ENCODE_CHUNK = 4          # pixel frames per encoder step after the first (temporal factor 4)
+CACHE_FRAMES = 2  # past frames a time-kernel-3 causal conv needs
 
 
 @flax.struct.dataclass
