@@ -7,6 +7,7 @@ Sections:
   model  the Wan DiT shared by teacher, critic and student (DESIGN 4.1-4.3)
   vae    the Wan2.1 causal 3D VAE (DESIGN 4.6)
   text   the umT5 text encoder (DESIGN 4.6)
+  sampling  streaming few-step generation: schedule, shot length, caches, resolution (DESIGN 4.4)
 """
 
 import ml_collections
@@ -39,7 +40,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.ffn_dim = 128
     m.freq_dim = 32
     m.text_dim = 32
-    m.text_len = 16
+    m.text_len = 512         # long story prompts; cheap at this width
   m.in_channels = 16
   m.out_channels = 16
   m.patch_size = (1, 2, 2)
@@ -113,6 +114,26 @@ def text_config(preset: str) -> ml_collections.ConfigDict:
   return t
 
 
+def sampling_config(preset: str) -> ml_collections.ConfigDict:
+  """Streaming few-step generation (DESIGN 4.4): schedule, shot size, caches, resolution."""
+  _check_preset(preset)
+  s = ml_collections.ConfigDict()
+  s.num_train_timesteps = 1000
+  s.shift = 8.0
+  s.denoising_steps = (1000, 740, 500, 260)
+  s.warp = True                 # map step k onto grid point 1000 - k (the reference)
+  s.cache_timestep = 0.0        # timestep of the clean pass that writes a chunk's K/V
+  if preset == 'wan_1_3b':
+    s.height, s.width = 480, 832  # pixels -> latent 60x104 -> 1560 tokens per latent frame
+    s.shot_latent_frames = 21     # 81 pixel frames per shot = 7 chunks of 3
+  else:
+    s.height, s.width = 64, 96    # latent 8x12 -> 24 tokens per latent frame
+    s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3
+  s.local_frames = s.shot_latent_frames  # local cache capacity (latent frames)
+  s.fps = 16
+  return s
+
+
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   """Full config for a preset name (`tiny` or `wan_1_3b`)."""
   preset = (arg or 'tiny').strip()
@@ -122,6 +143,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model = model_config(preset)
   c.vae = vae_config(preset)
   c.text = text_config(preset)
+  c.sampling = sampling_config(preset)
   c.seed = 0
   return c
 

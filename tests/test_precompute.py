@@ -15,6 +15,7 @@ import pytest
 
 from configs import data as data_cfg
 from configs import shotstream
+from shotstream_jax import context as context_lib
 from shotstream_jax import text as text_lib
 from shotstream_jax.data import precompute as pc
 from shotstream_jax.data import prompts
@@ -69,15 +70,15 @@ def _shards(out):
 def test_context_rule_by_hand():
   # 3 shots of 9 frames. Target 1: 6 frames of shot 0 at round(linspace(0, 8, 6)).
   # Target 2: 3 + 3 at linspace(0, 8, 3) and linspace(9, 17, 3).
-  np.testing.assert_array_equal(pc.context_indices([9, 9, 9], 1, 6), [0, 2, 3, 5, 6, 8])
-  np.testing.assert_array_equal(pc.context_indices([9, 9, 9], 2, 6), [0, 4, 8, 9, 13, 17])
-  np.testing.assert_array_equal(pc.context_candidates([9, 9, 9], 6),
+  np.testing.assert_array_equal(context_lib.context_indices([9, 9, 9], 1, 6), [0, 2, 3, 5, 6, 8])
+  np.testing.assert_array_equal(context_lib.context_indices([9, 9, 9], 2, 6), [0, 4, 8, 9, 13, 17])
+  np.testing.assert_array_equal(context_lib.context_candidates([9, 9, 9], 6),
                                 [0, 2, 3, 4, 5, 6, 8, 9, 13, 17])
   # 4 earlier shots: 1 each, the remainder (2) to the last two shots.
-  assert pc.frame_budget(4, 6) == [1, 1, 2, 2]
-  np.testing.assert_array_equal(pc.context_indices([5, 5, 5, 5, 5], 4, 6),
+  assert context_lib.frame_budget(4, 6) == [1, 1, 2, 2]
+  np.testing.assert_array_equal(context_lib.context_indices([5, 5, 5, 5, 5], 4, 6),
                                 [0, 5, 10, 14, 15, 19])
-  assert len(pc.context_candidates([9], 6)) == 0   # a single shot has no later target
+  assert len(context_lib.context_candidates([9], 6)) == 0   # a single shot has no later target
 
 
 def test_end_to_end_records_equal_direct_encodes(world):
@@ -109,7 +110,7 @@ def test_end_to_end_records_equal_direct_encodes(world):
     for s in range(n_shots):
       want = np.asarray(encode(enc.vae_params, jnp.asarray(frames[s * f:(s + 1) * f])[None]))[0]
       np.testing.assert_allclose(rec['latents'][3 * s:3 * s + 3], want, rtol=1e-5, atol=1e-5)
-    idx = pc.context_candidates([f] * n_shots, cfg.model.context_frames)
+    idx = context_lib.context_candidates([f] * n_shots, cfg.model.context_frames)
     np.testing.assert_array_equal(rec['ctx_frame_index'], idx)
     np.testing.assert_array_equal(rec['ctx_shot'], idx // f)
     assert rec['ctx_latents'].shape == (len(idx), 4, 4, 16)
@@ -117,7 +118,7 @@ def test_end_to_end_records_equal_direct_encodes(world):
       want = np.asarray(encode_image(enc.vae_params, jnp.asarray(frames[k])[None]))[0, 0]
       np.testing.assert_allclose(rec['ctx_latents'][c], want, rtol=1e-5, atol=1e-5)
     for t in range(1, n_shots):    # every target's reference choice is among the candidates
-      assert set(pc.context_indices(rec['shot_frames'], t, 6)) <= set(rec['ctx_frame_index'])
+      assert set(context_lib.context_indices(rec['shot_frames'], t, 6)) <= set(rec['ctx_frame_index'])
     g = ex['global_caption'].decode()
     caps = [c.decode() for c in ex['shot_captions']]
     assert rec['prompts'] == [prompts.shot_prompt(g, s, c) for s, c in enumerate(caps)]

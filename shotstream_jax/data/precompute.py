@@ -49,8 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from shotstream_jax import context as context_lib
 from shotstream_jax import text as text_lib
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import umt5
 from shotstream_jax.models import vae as vae_lib
@@ -68,36 +70,6 @@ NEGATIVE_PROMPT = ('色调艳丽，过曝，静态，细节模糊不清，字幕
 # Source fields copied into the record when present (labels for judges and bookkeeping).
 PASSTHROUGH = ('framing', 'motion', 'identity', 'frame_index', 'frame_ranges', 'video_path',
                'json_path', 'line', 'story_id')
-
-
-# ----------------------------------------------------------------------------- context rule
-
-
-def frame_budget(num_prev_shots: int, budget: int) -> List[int]:
-  """Frames taken from each earlier shot: budget // P each, the remainder to the last shots."""
-  if num_prev_shots < 1:
-    return []
-  counts = [budget // num_prev_shots] * num_prev_shots
-  for i in range(1, budget % num_prev_shots + 1):
-    counts[-i] += 1
-  return counts
-
-
-def context_indices(shot_frames: Sequence[int], target: int, budget: int) -> np.ndarray:
-  """Frame indices (into all shots concatenated) the reference picks as context for `target`."""
-  starts = np.concatenate([[0], np.cumsum(shot_frames)[:-1]]).astype(int)
-  out = []
-  for j, count in enumerate(frame_budget(target, budget)):
-    if count:
-      first, last = starts[j], starts[j] + shot_frames[j] - 1
-      out += np.round(np.linspace(first, last, count)).astype(int).tolist()
-  return np.asarray(out, np.int32)
-
-
-def context_candidates(shot_frames: Sequence[int], budget: int) -> np.ndarray:
-  """Sorted union of `context_indices` over every target shot 1..S-1."""
-  picks = [context_indices(shot_frames, s, budget) for s in range(1, len(shot_frames))]
-  return np.unique(np.concatenate(picks)).astype(np.int32) if picks else np.zeros(0, np.int32)
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -123,27 +95,6 @@ class Encoders:
     """[real length, d] umT5 rows of one prompt (rows past the length are zeros and dropped)."""
     length = int(self.tokenizer([prompt])[1][0])
     return np.asarray(self.prompt_encoder(prompt)[0, :length])
-
-
-def random_params(shapes, seed: int):
-  """Scaled normal draws for a params tree of ShapeDtypeStructs, without running the module.
-
-  For random-weight smoke runs: the modules' own eager init of the tiny VAE takes ~30 s on CPU,
-  this takes milliseconds. Kernels N(0, 1/fan_in), embeddings N(0, 1), scales 1, biases 0.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    if name == 'scale':
-      return jnp.ones(s.shape, s.dtype)
-    if name == 'bias':
-      return jnp.zeros(s.shape, s.dtype)
-    x = rng.standard_normal(s.shape, np.float32)
-    if name == 'kernel':
-      x /= np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) >= 4 else s.shape[-2])
-    return jnp.asarray(x, s.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _load_params(path: str, what: str, loader):
@@ -176,7 +127,7 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   else:
     logging.warning('vae: no checkpoint given: RANDOM VAE weights (seed %d); latents are '
                     'meaningless for training a real model', seed)
-    vae_params = random_params(vae_lib.param_shapes(vae), seed)
+    vae_params = random_init.random_params(vae_lib.param_shapes(vae), seed)
     weights['vae'] = f'random(seed={seed})'
   if text_path:
     text_params = _load_params(text_path, 'text',
@@ -185,7 +136,7 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   else:
     logging.warning('text: no checkpoint given: RANDOM umT5 weights (seed %d); embeddings are '
                     'meaningless for training a real model', seed)
-    text_params = random_params(umt5.param_shapes(config.text), seed + 1)
+    text_params = random_init.random_params(umt5.param_shapes(config.text), seed + 1)
     weights['text'] = f'random(seed={seed})'
   return Encoders(vae, vae_params, text_lib.PromptEncoder(text_params, config.text, tok), weights)
 
@@ -241,7 +192,7 @@ def encode_example(ex: dict, encoders: Encoders, context_frames: int, index: int
     z = np.asarray(encoders.encode_clip(encoders.vae_params, clip)[0])
     latents.append(z)
     latent_shot.append(np.full(len(z), s, np.int32))
-  ctx_index = context_candidates(shot_frames, context_frames)
+  ctx_index = context_lib.context_candidates(shot_frames, context_frames)
   ctx = _encode_frames(encoders, frames[ctx_index], max(context_frames, 1))
   text = [encoders.text(prompts_lib.shot_prompt(global_caption, i, c))
           for i, c in enumerate(captions)]

@@ -9,6 +9,7 @@ resizing in numpy; `resize_frames` is the array-side equivalent for frames alrea
 
 import logging
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import imageio_ffmpeg
@@ -75,23 +76,59 @@ def read_video(path: str, size: Optional[Tuple[int, int]] = None, start: int = 0
   return np.stack(frames)
 
 
+class VideoWriter:
+  """Append uint8 RGB frames [n, H, W, 3] to an h264 mp4 as they are produced.
+
+  `fragmented=True` writes a fragmented mp4 that players can open while it is still growing
+  (interactive sessions); the default is a plain mp4.
+  """
+
+  def __init__(self, path: str, fps: int = 16, quality: int = 8, fragmented: bool = False):
+    self.path, self.fps, self.quality, self.fragmented = path, fps, quality, fragmented
+    self.frames_written = 0
+    self._gen = None
+
+  def write(self, frames: np.ndarray) -> None:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+      raise ValueError(f'write_video: frames must be [T, H, W, 3], got shape {frames.shape}')
+    if frames.dtype != np.uint8:
+      raise ValueError(f'write_video: frames must be uint8, got {frames.dtype}')
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+      raise ValueError(f'write_video: need even H, W (yuv420p), got {frames.shape}')
+    if self._gen is None:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      extra = ['-movflags', 'frag_keyframe+empty_moov'] if self.fragmented else None
+      self._gen = imageio_ffmpeg.write_frames(
+          self.path, (w, h), fps=self.fps, quality=self.quality, macro_block_size=1,
+          ffmpeg_log_level='error', output_params=extra)
+      with warnings.catch_warnings():  # JAX warns on any fork; ffmpeg is exec'd right away
+        warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called')
+        self._gen.send(None)
+    for frame in frames:
+      self._gen.send(np.ascontiguousarray(frame))
+    self.frames_written += t
+
+  def close(self) -> None:
+    if self._gen is not None:
+      self._gen.close()
+      self._gen = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 def write_video(path: str, frames: np.ndarray, fps: int = 16, quality: int = 8) -> None:
   """Write uint8 RGB frames [T, H, W, 3] (H, W even) to an h264 mp4 at `fps`."""
   frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f'write_video: frames must be [T, H, W, 3], got shape {frames.shape}')
-  if frames.dtype != np.uint8:
-    raise ValueError(f'write_video: frames must be uint8, got {frames.dtype}')
-  t, h, w, _ = frames.shape
-  if t == 0 or h % 2 or w % 2:
-    raise ValueError(f'write_video: need >= 1 frame and even H, W (yuv420p), got {frames.shape}')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  gen = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, quality=quality, macro_block_size=1,
-                                    ffmpeg_log_level='error')
-  gen.send(None)
-  for frame in frames:
-    gen.send(np.ascontiguousarray(frame))
-  gen.close()
+  if frames.ndim == 4 and frames.shape[0] == 0:
+    raise ValueError(f'write_video: need >= 1 frame, got {frames.shape}')
+  with VideoWriter(path, fps, quality) as writer:
+    writer.write(frames)
 
 
 def resize_frames(frames: np.ndarray, size: Tuple[int, int]) -> np.ndarray:

@@ -401,9 +401,10 @@ def init_params(config, key, latent_shape=(1, 1, 4, 4), text_len=None):
   """Random params (a plain, unboxed pytree) for a model config."""
   model = WanDiT(config)
   f, h, w = latent_shape[1:] if len(latent_shape) == 4 else latent_shape
-  lat = jnp.zeros((1, f, h, w, config.in_channels))
-  ctx = jnp.zeros((1, text_len or 1, config.text_dim))
-  variables = model.init(key, lat, jnp.zeros((1, f)), ctx)
+  lat = jax.ShapeDtypeStruct((1, f, h, w, config.in_channels), jnp.float32)
+  ctx = jax.ShapeDtypeStruct((1, text_len or 1, config.text_dim), jnp.float32)
+  # lazy_init computes only the initializers (no forward pass).
+  variables = model.lazy_init(key, lat, jax.ShapeDtypeStruct((1, f), jnp.float32), ctx)
   return nn.meta.unbox(variables['params'])
 
 

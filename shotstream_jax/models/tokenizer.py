@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -52,7 +53,43 @@ def _read_json(path):
     return json.load(f)
 
 
-class UMT5Tokenizer:
+class _PaddedTokenizer:
+  """Shared call of the tokenizers: clean, encode, append EOS, truncate, pad to `text_len`.
+
+  Subclasses set `text_len`, `clean`, `pad_id`, `eos_id` and implement `encode(text)`.
+  """
+
+  def __call__(self, prompts: Union[str, Sequence[str]], allow_empty: bool = False,
+               clean: Optional[bool] = None):
+    """Cleaned, tokenised, EOS-terminated, truncated and padded prompts.
+
+    `clean` overrides the tokenizer's setting (pass False for prompts cleaned already: cleaning
+    is not idempotent on nested HTML escapes).
+
+    Returns:
+      ids: int32 [B, text_len], padded with `pad_id`.
+      lengths: int32 [B], real tokens per row including EOS (>= 1, <= text_len).
+    """
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if not len(prompts):
+      raise ValueError('prompts: empty list; pass at least one prompt string')
+    clean = self.clean if clean is None else clean
+    ids = np.full((len(prompts), self.text_len), self.pad_id, np.int32)
+    lengths = np.zeros((len(prompts),), np.int32)
+    for row, prompt in enumerate(prompts):
+      if not isinstance(prompt, str):
+        raise TypeError(f'prompt: expected a string, got {type(prompt).__name__}')
+      text = clean_prompt(prompt) if clean else prompt
+      if not text and not allow_empty:
+        raise ValueError(f'prompt: empty prompt (row {row})')
+      tokens = self.encode(text)[:self.text_len - 1] + [self.eos_id]
+      ids[row, :len(tokens)] = tokens
+      lengths[row] = len(tokens)
+    return ids, lengths
+
+
+class UMT5Tokenizer(_PaddedTokenizer):
   """Prompt strings -> (ids [B, text_len], lengths [B]) as the reference's HF tokenizer gives.
 
   Attributes:
@@ -136,35 +173,6 @@ class UMT5Tokenizer:
         ids.extend(self._sp.encode(part))
     return ids
 
-  def __call__(self, prompts: Union[str, Sequence[str]], allow_empty: bool = False,
-               clean: Optional[bool] = None):
-    """Cleaned, tokenised, EOS-terminated, truncated and padded prompts.
-
-    `clean` overrides the tokenizer's setting (pass False for prompts cleaned already: cleaning
-    is not idempotent on nested HTML escapes).
-
-    Returns:
-      ids: int32 [B, text_len], padded with `pad_id`.
-      lengths: int32 [B], real tokens per row including EOS (>= 1, <= text_len).
-    """
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if not len(prompts):
-      raise ValueError('prompts: empty list; pass at least one prompt string')
-    clean = self.clean if clean is None else clean
-    ids = np.full((len(prompts), self.text_len), self.pad_id, np.int32)
-    lengths = np.zeros((len(prompts),), np.int32)
-    for row, prompt in enumerate(prompts):
-      if not isinstance(prompt, str):
-        raise TypeError(f'prompt: expected a string, got {type(prompt).__name__}')
-      text = clean_prompt(prompt) if clean else prompt
-      if not text and not allow_empty:
-        raise ValueError(f'prompt: empty prompt (row {row})')
-      tokens = self.encode(text)[:self.text_len - 1] + [self.eos_id]
-      ids[row, :len(tokens)] = tokens
-      lengths[row] = len(tokens)
-    return ids, lengths
-
 
 def _has(module: str) -> bool:
   try:
@@ -172,3 +180,29 @@ def _has(module: str) -> bool:
     return True
   except ImportError:
     return False
+
+
+class HashTokenizer(_PaddedTokenizer):
+  """Words and punctuation hashed into the vocabulary (pad 0, eos 1, unk 2, words 3..V-1).
+
+  For random-weight presets (`tiny`) that have no umT5 vocabulary to load: it keeps the whole
+  prompt -> embedding path real (cleaning, padding, EOS, zeroing past the length) without a
+  download, and a word per token keeps the reference's ~2,000-character story prompts within
+  512 tokens, so different shots get different embeddings.
+  """
+  pad_id = 0
+  eos_id = 1
+  backend = 'hash'
+
+  def __init__(self, text_len: int, vocab_size: int, clean: bool = True):
+    if vocab_size < 4:
+      raise ValueError(f'text.vocab_size: the hash tokenizer needs >= 4, got {vocab_size}')
+    if text_len < 1:
+      raise ValueError(f'text_len: must be >= 1, got {text_len}')
+    self.text_len = text_len
+    self.vocab_size = vocab_size
+    self.clean = clean
+
+  def encode(self, text: str) -> list:
+    words = re.findall(r'\w+|[^\w\s]', text)
+    return [3 + zlib.crc32(w.encode('utf-8')) % (self.vocab_size - 3) for w in words]

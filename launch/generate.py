@@ -1,0 +1,164 @@
+r"""Generate a multi-shot story to mp4, streaming chunk by chunk.
+
+  # the embedded default model (random tiny weights; nothing to download):
+  python launch/generate.py --config=configs/shotstream.py:tiny \
+      --prompts=../shared/reference/shotstream_demo/json/01.json --out=out/story.mp4
+
+  # the published model (files as distributed; orbax directories from convert.py work too):
+  python launch/generate.py --config=configs/shotstream.py:wan_1_3b \
+      --ckpt=shotstream_merged.pt --vae=Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \
+      --text_encoder=Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth \
+      --tokenizer=Wan2.1-T2V-1.3B/google/umt5-xxl --prompts=story.json --out=story.mp4
+
+`--prompts` takes a reference story JSON (`global_caption`, `shot1..shotN`) or a reference
+`testset.csv` (every row; shots = its `frame_number` ranges; `--out` is then a folder).
+`--interactive` reads the global caption and then one shot prompt per line from stdin, writing
+each shot's frames to a growing (fragmented) mp4 before asking for the next prompt.
+At the end it prints FPS (with and without VAE decode) and first-frame latency (DESIGN 6).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+from tqdm import tqdm
+
+from shotstream_jax import cli
+from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.io import video as video_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:tiny',
+                                          'Config: configs/shotstream.py:<preset>.')
+_PROMPTS = flags.DEFINE_string('prompts', None, 'Story JSON or testset CSV.')
+_OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+_CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors or orbax dir); '
+                            'absent: random weights of the preset.')
+_VAE = flags.DEFINE_string('vae', None, 'VAE weights (Wan2.1_VAE.pth or orbax dir).')
+_TEXT = flags.DEFINE_string('text_encoder', None, 'umT5 weights (.pth or orbax dir).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'google/umt5-xxl tokenizer folder.')
+_INTERACTIVE = flags.DEFINE_bool('interactive', False, 'Read prompts from stdin, shot by shot.')
+_SCAN = flags.DEFINE_bool('scan', False, 'Run each shot as one jitted lax.scan (no streaming).')
+_WARMUP = flags.DEFINE_bool('warmup', True, 'Compile before timing (2 throwaway shots).')
+
+
+def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=None):
+  given = {'--ckpt': ckpt, '--vae': vae, '--text_encoder': text_encoder, '--tokenizer': tokenizer}
+  if not any(given.values()):
+    print(f'note: no --ckpt: random weights of the {config.preset!r} preset (the embedded '
+          'default model); the video is noise-like by design', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.from_random(config, config.seed)
+  missing = [k for k, v in given.items() if not v]
+  if missing:
+    raise ValueError(f'{missing[0]}: required with --ckpt (also needed: {", ".join(missing)})')
+  return pipeline_lib.ShotStreamPipeline.load(config, ckpt, vae, text_encoder, tokenizer)
+
+
+def warmup(pipe) -> float:
+  """Compile every jitted piece on a throwaway 2-shot story (same shapes as any story)."""
+  start = time.perf_counter()
+  session = pipe.session('warm-up', seed=0)
+  for caption in ('first', 'second'):
+    for _ in session.next_shot(caption):
+      pass
+  return time.perf_counter() - start
+
+
+def run_story(pipe, story, out_path, seed, scan=False, writer=None):
+  """Generate `story` shot by shot into `out_path`; returns the session (with stats)."""
+  session = pipe.session(story.global_caption, seed)
+  own_writer = writer is None
+  writer = writer or video_lib.VideoWriter(out_path, fps=pipe.config.sampling.fps)
+  with tqdm(total=len(story.shots) * pipe.sampler.num_chunks, unit='chunk',
+            desc=os.path.basename(out_path)) as bar:
+    for i, caption in enumerate(story.shots):
+      bar.set_postfix(shot=f'{i + 1}/{len(story.shots)}')
+      if scan:
+        writer.write(session.run_shot(caption))
+        bar.update(pipe.sampler.num_chunks)
+        continue
+      for frames in session.next_shot(caption):
+        writer.write(frames)
+        bar.update(1)
+  if own_writer:
+    writer.close()
+  return session
+
+
+def report(pipe, sessions, wall_s) -> dict:
+  """FPS over the whole run (DESIGN 6), also without the time spent in VAE decode."""
+  stats = [st for s in sessions for st in s.stats]
+  frames = sum(st.frames for st in stats)
+  decode_s = sum(st.decode_s for st in stats)
+  return dict(frames=frames, wall_s=round(wall_s, 3), fps=round(frames / wall_s, 3),
+              fps_without_decode=round(frames / (wall_s - decode_s), 3),
+              first_frame_latency_s=round(float(np.median([st.first_frame_s for st in stats])), 3),
+              compile_counts=dict(pipe.compile_counts),
+              device=f'{jax.devices()[0].platform}: {jax.devices()[0].device_kind}')
+
+
+def interactive(pipe, out_path, seed, lines):
+  """stdin: a global caption, then a shot prompt per line; an empty line or EOF stops."""
+  print('global caption (may be empty):', file=sys.stderr, flush=True)
+  global_caption = next(lines, '').rstrip('\n')
+  session = pipe.session(global_caption, seed)
+  with video_lib.VideoWriter(out_path, fps=pipe.config.sampling.fps, fragmented=True) as writer:
+    while True:
+      print(f'shot {len(session.captions) + 1} prompt (empty line ends):', file=sys.stderr,
+            flush=True)
+      prompt = next(lines, '').strip()
+      if not prompt:
+        break
+      for frames in session.next_shot(prompt):
+        writer.write(frames)
+      st = session.stats[-1]
+      print(f'shot {st.shot}: {st.frames} frames written to {out_path} (first frame after '
+            f'{st.first_frame_s:.2f}s, shot {st.total_s:.2f}s)', file=sys.stderr, flush=True)
+  return session
+
+
+def generate(config, prompts_path, out, seed, ckpt=None, vae=None, text_encoder=None,
+             tokenizer=None, interactive_lines=None, scan=False, do_warmup=True) -> dict:
+  """Library entry point of the CLI (tests call it); returns the timing report."""
+  stories = []
+  if interactive_lines is None:
+    if not prompts_path:
+      raise ValueError('--prompts: required (a story JSON or a testset CSV), or use '
+                       '--interactive')
+    if prompts_path.lower().endswith('.csv'):
+      rows = prompts_lib.read_csv(prompts_path)
+      stories = [(r.story, os.path.join(out, f'{i:03d}_{os.path.splitext(os.path.basename(r.json_path))[0]}.mp4'))
+                 for i, r in enumerate(rows)]
+    else:
+      stories = [(prompts_lib.load_story(prompts_path), out)]
+  pipe = build_pipeline(config, ckpt, vae, text_encoder, tokenizer)
+  if do_warmup:
+    print(f'compiling (warm-up): {warmup(pipe):.1f}s', file=sys.stderr)
+  start = time.perf_counter()
+  if interactive_lines is not None:
+    sessions = [interactive(pipe, out, seed, interactive_lines)]
+  else:
+    sessions = [run_story(pipe, story, path, seed, scan) for story, path in stories]
+  result = report(pipe, sessions, time.perf_counter() - start)
+  result['outputs'] = [path for _, path in stories] or [out]
+  return result
+
+
+def main(argv):
+  del argv
+  lines = iter(sys.stdin) if _INTERACTIVE.value else None
+  result = cli.exit_on_user_error(
+      generate, _CONFIG.value, _PROMPTS.value, _OUT.value, _SEED.value, _CKPT.value, _VAE.value,
+      _TEXT.value, _TOKENIZER.value, lines, _SCAN.value, _WARMUP.value)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,290 @@
+"""The user-facing object: weights + prompt encoding + the streaming student + VAE decode.
+
+    pipe = ShotStreamPipeline.from_random(shotstream.get_config('tiny'))        # or .load(...)
+    video = pipe.generate(story, seed=0)               # uint8 [T, H, W, 3]
+
+    session = pipe.session(global_caption, seed=0)
+    for frames in session.next_shot('a close-up of ...'):   # uint8 [n, H, W, 3] per chunk
+      show(frames)                                          # first frames before the shot ends
+
+Data path per shot: prompts -> umT5 rows (cached per prompt) -> cross-attention K/V of the caption
+table (once per shot) -> context frames chosen from earlier decoded shots, VAE-encoded one frame
+at a time -> global cache (one DiT pass) -> chunk scan with the local cache -> streaming VAE
+decode. Every jitted function sees fixed shapes, so a story of any length and any prompts
+compiles each of them once (`compile_counts`).
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax import context as context_lib
+from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.models import dit
+from shotstream_jax.models import random_init
+from shotstream_jax.models import tokenizer as tokenizer_lib
+from shotstream_jax.models import umt5
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.sampling import causal
+from shotstream_jax import text as text_lib
+
+StoryLike = Union[prompts_lib.Story, dict, Sequence[str]]
+
+
+def to_uint8(frames) -> np.ndarray:
+  """[-1, 1] floats -> uint8 RGB, as the reference writes (x * 0.5 + 0.5, clamped, * 255)."""
+  x = np.clip(np.asarray(frames, np.float32) * 0.5 + 0.5, 0.0, 1.0)
+  return np.round(x * 255.0).astype(np.uint8)
+
+
+def as_story(story: StoryLike) -> prompts_lib.Story:
+  """A Story from a Story, a reference JSON dict, or a list of shot prompts."""
+  if isinstance(story, prompts_lib.Story):
+    return story
+  if isinstance(story, dict):
+    return prompts_lib.story_from_dict(story)
+  if isinstance(story, str) or not isinstance(story, Sequence):
+    raise ValueError('story: expected a reference JSON dict (global_caption, shot1..shotN) or '
+                     f'a list of shot prompts, got {type(story).__name__}')
+  if not story:
+    raise ValueError('story: empty story; give at least one shot prompt')
+  for i, p in enumerate(story):
+    if not isinstance(p, str) or not p.strip():
+      raise ValueError(f'story: shot {i + 1} has an empty prompt')
+  return prompts_lib.Story(global_caption='', shots=tuple(story), source='story list')
+
+
+@dataclasses.dataclass
+class ShotStats:
+  shot: int
+  frames: int
+  first_frame_s: float      # prompt -> first decoded frame of this shot
+  total_s: float            # prompt -> last decoded frame of this shot
+  decode_s: float = 0.0     # of total_s, spent in the VAE decode
+  chunk_s: Sequence[float] = ()  # per chunk: denoise + cache pass (no decode)
+
+
+class ShotStreamPipeline:
+  """DiT, VAE and text-encoder params plus the jitted pieces of streaming generation."""
+
+  def __init__(self, config, dit_params, vae_params, prompt_encoder):
+    self.config = config
+    s = config.sampling
+    self.vae = vae_lib.WanVAE(config.vae)
+    factor = vae_lib.spatial_factor(config.vae)
+    multiple = factor * config.model.patch_size[1]
+    for name, size in (('height', s.height), ('width', s.width)):
+      if size < multiple or size % multiple:
+        raise ValueError(f'sampling.{name}: must be a positive multiple of {multiple} (VAE '
+                         f'{factor}x times patch {config.model.patch_size[1]}), got {size}')
+    self.latent_hw = (s.height // factor, s.width // factor)
+    self.sampler = causal.CausalSampler(config.model, s, self.latent_hw)
+    self.dit_params = dit_params
+    self.vae_params = vae_params
+    self.prompt_encoder = prompt_encoder
+    self.budget = config.model.context_frames
+    self.compile_counts: Dict[str, int] = collections.Counter()
+
+    vae, sampler = self.vae, self.sampler
+    self._prefill = self._jit('prefill', sampler.prefill)
+    self._chunk = self._jit('chunk', sampler.chunk)
+    self._shot = self._jit('shot', sampler.shot)
+    self._text_kv = self._jit(
+        'text_kv', lambda p, rows: dit.WanTextKV(config.model).apply({'params': p}, rows))
+    self._encode_context = self._jit(
+        'encode_context', lambda p, f: jnp.swapaxes(vae_lib.encode_image(vae, p, f), 0, 1))
+    self._decode = self._jit('decode', functools.partial(vae_lib.decode_step, vae))
+
+  def _jit(self, name, fn):
+    """jax.jit that counts its traces (= compilations) in `compile_counts[name]`."""
+    def traced(*args):
+      self.compile_counts[name] += 1
+      return fn(*args)
+    return jax.jit(traced)
+
+  # ------------------------------------------------------------------ construction
+
+  @classmethod
+  def from_random(cls, config, seed: int = 0, tokenizer=None):
+    """Random weights for every network (the embedded default model; nothing to download).
+
+    Drawn from the parameter shapes (`random_init`), not the modules' initializers: it takes
+    milliseconds, and unlike Wan's zero-initialised head it makes outputs depend on the whole
+    network.
+    """
+    dit_params = random_init.random_params(dit.param_shapes(config.model), seed)
+    vae_params = random_init.random_params(
+        vae_lib.param_shapes(vae_lib.WanVAE(config.vae)), seed + 1)
+    text_params = random_init.random_params(umt5.param_shapes(config.text), seed + 2)
+    tokenizer = tokenizer or tokenizer_lib.HashTokenizer(config.text.text_len,
+                                                         config.text.vocab_size)
+    return cls(config, dit_params, vae_params,
+               text_lib.PromptEncoder(text_params, config.text, tokenizer))
+
+  @classmethod
+  def load(cls, config, dit_path: str, vae_path: str, text_path: str, tokenizer_path: str):
+    """Weights from published files (.safetensors / .pt / .pth) or our orbax directories."""
+    from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
+
+    def get(path, load_file, shapes, what):
+      if not path:
+        raise ValueError(f'{what}: a checkpoint path is required')
+      if os.path.isdir(path):
+        return checkpoints.restore_params(path, shapes)
+      return load_file(path)
+
+    dit_params = get(dit_path, lambda p: dit_convert.load_dit(p, config.model),
+                     dit.param_shapes(config.model), '--ckpt')
+    vae_params = get(vae_path, lambda p: vae_convert.load_vae(p, config.vae),
+                     vae_lib.param_shapes(vae_lib.WanVAE(config.vae)), '--vae')
+    text_params = get(text_path, lambda p: umt5_convert.load_umt5(p, config.text),
+                      umt5.param_shapes(config.text), '--text_encoder')
+    tokenizer = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)
+    return cls(config, dit_params, vae_params,
+               text_lib.PromptEncoder(text_params, config.text, tokenizer))
+
+  # ------------------------------------------------------------------ generation
+
+  @property
+  def frames_per_shot(self) -> int:
+    return 1 + 4 * (self.config.sampling.shot_latent_frames - 1)
+
+  def session(self, global_caption: str = '', seed: int = 0) -> 'StorySession':
+    return StorySession(self, global_caption, seed)
+
+  def generate(self, story: StoryLike, seed: int = 0, streaming: bool = True) -> np.ndarray:
+    """Every shot of `story`, uint8 [shots * frames_per_shot, H, W, 3].
+
+    streaming=True runs the per-chunk path with streaming decode (what `session` yields);
+    False runs each shot as one jitted `lax.scan` and decodes it whole. Same numbers.
+    """
+    story = as_story(story)
+    session = self.session(story.global_caption, seed)
+    for caption in story.shots:
+      if streaming:
+        for _ in session.next_shot(caption):
+          pass
+      else:
+        session.run_shot(caption)
+    return session.video()
+
+
+class StorySession:
+  """One story being directed shot by shot; holds decoded frames of earlier shots.
+
+  Only frames that a later shot could pick as context are kept per shot (at most
+  sum_{c<=budget} c distinct indices), so memory does not grow with the shot length.
+  """
+
+  def __init__(self, pipe: ShotStreamPipeline, global_caption: str, seed: int):
+    if not isinstance(global_caption, str):
+      raise ValueError(f'global_caption: expected a string, got {type(global_caption).__name__}')
+    self.pipe = pipe
+    self.global_caption = global_caption
+    self.key = jax.random.key(seed)
+    self.captions: List[str] = []
+    self.shot_lengths: List[int] = []
+    self._candidates: Dict[int, np.ndarray] = {}   # global pixel index -> frame in [-1, 1]
+    self._video: List[np.ndarray] = []             # uint8 chunks, in order
+    self.stats: List[ShotStats] = []
+    self.latents: List[np.ndarray] = []            # [F, h, w, C] per shot
+
+  # -- per-shot inputs
+
+  def _plan(self, caption: str) -> causal.ShotPlan:
+    pipe = self.pipe
+    if not isinstance(caption, str) or not caption.strip():
+      raise ValueError(f'prompt: shot {len(self.captions) + 1} has an empty prompt')
+    choice = context_lib.choose_context(self.shot_lengths, pipe.budget)
+    self.captions.append(caption)
+    prompts = prompts_lib.shot_prompts(self.global_caption, self.captions)
+    rows = pipe.prompt_encoder([prompts[j] for j in choice.caption_shots])
+    text_kv = pipe._text_kv(pipe.dit_params, rows)
+    h, w = pipe.latent_hw
+    if choice.frame_indices:
+      frames = np.stack([self._candidates[i] for i in choice.frame_indices])
+      ctx = pipe._encode_context(pipe.vae_params, jnp.asarray(frames))
+    else:  # first shot: exact zeros (the reference encodes black frames, then zeroes them)
+      ctx = jnp.zeros((1, pipe.budget, h, w, pipe.config.model.in_channels), jnp.float32)
+    i32 = lambda x: jnp.asarray([x], jnp.int32)
+    return causal.ShotPlan(ctx, i32(choice.ctx_shot), i32(choice.ctx_caption),
+                           i32(choice.gen_shot), i32(choice.gen_caption), text_kv)
+
+  def _shot_key(self):
+    return jax.random.fold_in(self.key, len(self.captions) - 1)
+
+  def _finish_shot(self, frames: np.ndarray, latents, t0, first_s, decode_s=0.0, chunk_s=()):
+    """Keep candidate context frames of the new shot and record its stats."""
+    pipe = self.pipe
+    n = frames.shape[0]
+    start = sum(self.shot_lengths)
+    keep = set()
+    for count in range(1, pipe.budget + 1):
+      keep.update(np.round(np.linspace(0, n - 1, count)).astype(int).tolist())
+    for i in keep:
+      self._candidates[start + i] = frames[i]
+    self.shot_lengths.append(n)
+    self.latents.append(np.asarray(latents))
+    self.stats.append(ShotStats(len(self.shot_lengths), n, first_s, time.perf_counter() - t0,
+                                decode_s, tuple(chunk_s)))
+
+  # -- public
+
+  def next_shot(self, caption: str) -> Iterator[np.ndarray]:
+    """Generate the next shot, yielding uint8 frames [n, H, W, 3] as each chunk is decoded."""
+    pipe = self.pipe
+    t0 = time.perf_counter()
+    plan = self._plan(caption)
+    key = self._shot_key()
+    global_cache = pipe._prefill(pipe.dit_params, plan)
+    local = pipe.sampler.init_local(1)
+    dcache = vae_lib.init_decode_cache(pipe.vae, 1, *pipe.latent_hw)
+    decoded, latents, first_s, decode_s, chunk_s = [], [], None, 0.0, []
+    for index in range(pipe.sampler.num_chunks):
+      t_chunk = time.perf_counter()
+      x0, local = pipe._chunk(pipe.dit_params, plan, global_cache, local, jnp.int32(index), key)
+      jax.block_until_ready(x0)
+      t_decode = time.perf_counter()
+      chunk_s.append(t_decode - t_chunk)
+      frames, dcache = pipe._decode(pipe.vae_params, dcache, x0)
+      frames = np.asarray(frames[0])
+      decode_s += time.perf_counter() - t_decode
+      if first_s is None:
+        first_s = time.perf_counter() - t0
+      decoded.append(frames)
+      latents.append(x0[0])
+      chunk = to_uint8(frames)
+      self._video.append(chunk)
+      yield chunk
+    self._finish_shot(np.concatenate(decoded), jnp.concatenate(latents), t0, first_s, decode_s,
+                      chunk_s)
+
+  def run_shot(self, caption: str) -> np.ndarray:
+    """The next shot through the jitted `lax.scan` over chunks and a whole-shot decode."""
+    pipe = self.pipe
+    t0 = time.perf_counter()
+    plan = self._plan(caption)
+    latents = jax.block_until_ready(pipe._shot(pipe.dit_params, plan, self._shot_key()))
+    t_decode = time.perf_counter()
+    dcache = vae_lib.init_decode_cache(pipe.vae, 1, *pipe.latent_hw)
+    frames = np.asarray(pipe._decode(pipe.vae_params, dcache, latents)[0][0])
+    self._video.append(to_uint8(frames))
+    now = time.perf_counter()
+    self._finish_shot(frames, latents[0], t0, now - t0, now - t_decode)
+    return self._video[-1]
+
+  def video(self) -> np.ndarray:
+    """All frames so far, uint8 [T, H, W, 3]."""
+    if not self._video:
+      raise ValueError('story: no shot has been generated yet')
+    return np.concatenate(self._video)

@@ -1,0 +1,192 @@
+"""Streaming generation: cached chunk forward vs the block-causal full forward, scan vs
+per-chunk streaming, one compilation per story, context selection and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shotstream
+from shotstream_jax import context
+from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax.models import cache as cache_lib
+from shotstream_jax.models import dit
+from shotstream_jax.sampling import causal
+from shotstream_jax.sampling import schedule
+
+ATOL = 3e-5
+
+
+def _random_dit(cfg, seed=0):
+  params = dit.init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize('earlier_shots', [[], [9, 9]], ids=['first_shot', 'third_shot'])
+def test_cached_chunks_equal_block_causal_forward(earlier_shots):
+  """Prefill + chunk-by-chunk with both caches == one masked forward over the whole sequence."""
+  cfg = shotstream.get_config('tiny')
+  cfg.model.rope.theta = 0.3
+  cfg.model.rope.position_gap = 2
+  cfg.sampling.shot_latent_frames = 9
+  cfg.sampling.local_frames = 9
+  m = cfg.model
+  params = _random_dit(m)
+  sampler = causal.CausalSampler(m, cfg.sampling, (4, 6))
+  choice = context.choose_context(earlier_shots, m.context_frames)
+  rng = np.random.default_rng(len(earlier_shots))
+  cf, n, f = m.context_frames, m.chunk_frames, cfg.sampling.shot_latent_frames
+  rows = jnp.asarray(rng.standard_normal((cf + 1, 9, m.text_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((1, cf, 4, 6, 16)) * bool(earlier_shots), jnp.float32)
+  xs = jnp.asarray(rng.standard_normal((1, f, 4, 6, 16)), jnp.float32)
+  t_chunks = rng.uniform(0, 1000, f // n).astype(np.float32)
+  plan = causal.ShotPlan(ctx, jnp.asarray([choice.ctx_shot]), jnp.asarray([choice.ctx_caption]),
+                         jnp.asarray([choice.gen_shot]), jnp.asarray([choice.gen_caption]),
+                         dit.WanTextKV(m).apply({'params': params}, rows))
+
+  full = dit.WanDiT(m).apply(
+      {'params': params}, jnp.concatenate([ctx, xs], axis=1),
+      jnp.concatenate([jnp.zeros(cf), jnp.repeat(t_chunks, n)])[None], rows,
+      frame_pos=jnp.arange(cf + f),
+      frame_shot=jnp.asarray(list(choice.ctx_shot) + [choice.gen_shot] * f),
+      frame_caption=jnp.asarray(list(choice.ctx_caption) + [choice.gen_caption] * f),
+      attention='block_causal', chunk_frames=n, context_frames=cf)
+
+  global_cache = sampler.prefill(params, plan)
+  local = sampler.init_local(1)
+  for c in range(f // n):
+    v, kv = sampler.forward(params, plan, global_cache, local, c, xs[:, c * n:(c + 1) * n],
+                            jnp.full((1, n), t_chunks[c]), return_kv=True)
+    np.testing.assert_allclose(v, full[:, cf + c * n:cf + (c + 1) * n], atol=ATOL)
+    local = sampler.write_local(local, kv, c)
+  assert int(local.length) == f * sampler.tokens_per_frame
+
+
+def test_local_window_is_a_ring_buffer():
+  """local_frames < shot: chunk c sees the context, chunk c-1 and itself (sliding window)."""
+  cfg = shotstream.get_config('tiny')
+  cfg.sampling.shot_latent_frames = 9
+  cfg.sampling.local_frames = 3
+  m = cfg.model
+  params = _random_dit(m, seed=3)
+  sampler = causal.CausalSampler(m, cfg.sampling, (4, 6))
+  choice = context.choose_context([], m.context_frames)
+  rows = jnp.asarray(np.random.default_rng(5).standard_normal((7, 9, m.text_dim)), jnp.float32)
+  plan = causal.ShotPlan(jnp.zeros((1, 6, 4, 6, 16)), jnp.asarray([choice.ctx_shot]),
+                         jnp.asarray([choice.ctx_caption]), jnp.asarray([choice.gen_shot]),
+                         jnp.asarray([choice.gen_caption]),
+                         dit.WanTextKV(m).apply({'params': params}, rows))
+  xs = jnp.asarray(np.random.default_rng(6).standard_normal((1, 9, 4, 6, 16)), jnp.float32)
+  t = jnp.full((1, 3), 500.0)
+  g = sampler.prefill(params, plan)
+  local, kvs = sampler.init_local(1), []
+  for c in range(3):
+    v, kv = sampler.forward(params, plan, g, local, c, xs[:, 3 * c:3 * c + 3], t, return_kv=True)
+    kvs.append(kv)
+    local = sampler.write_local(local, kv, c)
+    assert int(local.length) == min(3 * (c + 1), 3) * sampler.tokens_per_frame
+  # Independently: chunk 2 with only chunk 1's K/V as the local segment.
+  k1, v1 = kvs[1]
+  window = cache_lib.from_kv((k1, v1))
+  v_ref = sampler.forward(params, plan, g, window, 2, xs[:, 6:9], t)
+  v_ring = sampler.forward(params, plan, g, sampler.write_local(
+      sampler.write_local(sampler.init_local(1), kvs[0], 0), kvs[1], 1), 2, xs[:, 6:9], t)
+  np.testing.assert_allclose(v_ring, v_ref, atol=ATOL)
+
+
+def test_schedule_is_the_reference():
+  t, sigma = schedule.sampling_schedule(shotstream.get_config('wan_1_3b').sampling)
+  np.testing.assert_allclose(t, [1000.0, 957.93, 888.89, 737.59], atol=0.01)
+  np.testing.assert_allclose(sigma, t / 1000, rtol=1e-6)
+  grid = schedule.shifted_grid()
+  assert grid.shape == (1000,) and grid[0] == 1.0 and grid[-1] > 0
+  with pytest.raises(ValueError, match='sampling.denoising_steps: must be strictly decreasing'):
+    schedule.denoising_sigmas([500, 740])
+
+
+def test_context_choice_rule():
+  assert context.frame_budget(4, 6) == [1, 1, 2, 2]
+  assert context.frame_budget(8, 6) == [0, 0, 1, 1, 1, 1, 1, 1]
+  first = context.choose_context([], 6)
+  assert first.frame_indices == () and first.ctx_shot == (0,) * 6 and first.gen_shot == 1
+  assert set(first.caption_shots) == {0}
+  c = context.choose_context([81, 81, 81, 81], 6)
+  assert c.frame_indices == (0, 81, 162, 242, 243, 323)
+  assert c.ctx_shot == (0, 1, 2, 2, 3, 3) and c.gen_shot == 4
+  assert c.caption_shots[:5] == (0, 1, 2, 3, 4) and c.gen_caption == 4
+  many = context.choose_context([5] * 8, 6)  # 8 earlier shots: shots 0 and 1 get no frame
+  assert many.ctx_shot == (2, 3, 4, 5, 6, 7) and many.gen_shot == 8
+  assert many.caption_shots[many.ctx_caption[0]] == 2 and many.caption_shots[many.gen_caption] == 8
+
+
+@pytest.fixture(scope='module')
+def pipe():
+  return pipeline_lib.ShotStreamPipeline.from_random(shotstream.get_config('tiny'), seed=0)
+
+
+def test_scan_equals_streaming_and_compiles_once(pipe):
+  prompts = ['a red fox in snow', 'the fox jumps', 'close-up of its eyes', 'a wide valley',
+             'night falls']
+  s1 = pipe.session('A fox story. ', seed=3)
+  chunks = [frames for p in prompts for frames in s1.next_shot(p)]
+  assert len(chunks) == 5 * pipe.sampler.num_chunks
+  assert chunks[0].shape[0] == 1 + 4 * (pipe.sampler.chunk_frames - 1)  # first chunk of a shot
+  assert dict(pipe.compile_counts) == {'text_kv': 1, 'prefill': 1, 'chunk': 1,
+                                      'encode_context': 1, 'decode': 2}
+  encodes = pipe.prompt_encoder.encode_calls
+  s2 = pipe.session('A fox story. ', seed=3)
+  for p in prompts:
+    s2.run_shot(p)
+  counts = dict(pipe.compile_counts)
+  assert counts['shot'] == 1 and counts['decode'] == 3  # + the whole-shot decode
+  assert pipe.prompt_encoder.encode_calls == encodes  # same prompts: all cached
+  for a, b in zip(s1.latents, s2.latents):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  v1, v2 = s1.video(), s2.video()
+  assert v1.shape == v2.shape == (5 * pipe.frames_per_shot, 64, 96, 3)
+  assert np.abs(v1.astype(int) - v2).max() <= 1
+  # Another story with new prompts reuses every compiled function.
+  s3 = pipe.session('Another story. ', seed=4)
+  for p in ['one', 'two']:
+    for _ in s3.next_shot(p):
+      pass
+  assert {k: pipe.compile_counts[k] for k in counts} == counts
+  assert not np.array_equal(s3.latents[0], s1.latents[0])
+
+
+def test_generate_story_forms(pipe):
+  story = {'global_caption': 'G. ', 'shot1': 'a', 'shot2': 'b'}
+  a = pipe.generate(story, seed=1)
+  assert a.shape == (2 * pipe.frames_per_shot, 64, 96, 3) and a.dtype == np.uint8
+  b = pipe.generate(['a', 'b'], seed=1)  # list form: empty global caption
+  assert b.shape == a.shape and not np.array_equal(a, b)
+  np.testing.assert_array_equal(pipe.generate(story, seed=1), a)  # deterministic
+
+
+def test_bad_inputs(pipe):
+  cases = [
+      (lambda: pipe.generate([]), 'story: empty story'),
+      (lambda: pipe.generate(['ok', '  ']), 'story: shot 2 has an empty prompt'),
+      (lambda: pipe.generate({'global_caption': 'g'}), 'empty story'),
+      (lambda: pipe.generate('just a string'), 'story: expected a reference JSON dict'),
+      (lambda: list(pipe.session('g').next_shot('')), 'prompt: shot 1 has an empty prompt'),
+      (lambda: pipe.session('g').video(), 'story: no shot has been generated yet'),
+  ]
+  for fn, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      fn()
+  cfg = shotstream.get_config('tiny')
+  cfg.sampling.height = 72
+  with pytest.raises(ValueError, match='sampling.height: must be a positive multiple of 16'):
+    pipeline_lib.ShotStreamPipeline(cfg, pipe.dit_params, pipe.vae_params, pipe.prompt_encoder)
+  cfg = shotstream.get_config('tiny')
+  cfg.model.chunk_frames = 4
+  with pytest.raises(ValueError, match=r'model.chunk_frames: must divide sampling.shot_latent_'):
+    pipeline_lib.ShotStreamPipeline(cfg, pipe.dit_params, pipe.vae_params, pipe.prompt_encoder)
+  cfg = shotstream.get_config('tiny')
+  cfg.sampling.local_frames = 4
+  with pytest.raises(ValueError, match='sampling.local_frames: must be a positive multiple'):
+    pipeline_lib.ShotStreamPipeline(cfg, pipe.dit_params, pipe.vae_params, pipe.prompt_encoder)
