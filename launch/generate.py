@@ -61,16 +61,6 @@ def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=Non
   return pipeline_lib.ShotStreamPipeline.load(config, ckpt, vae, text_encoder, tokenizer)
 
 
-def warmup(pipe) -> float:
-  """Compile every jitted piece on a throwaway 2-shot story (same shapes as any story)."""
-  start = time.perf_counter()
-  session = pipe.session('warm-up', seed=0)
-  for caption in ('first', 'second'):
-    for _ in session.next_shot(caption):
-      pass
-  return time.perf_counter() - start
-
-
 def run_story(pipe, story, out_path, seed, scan=False, writer=None):
   """Generate `story` shot by shot into `out_path`; returns the session (with stats)."""
   session = pipe.session(story.global_caption, seed)
@@ -140,7 +130,7 @@ def generate(config, prompts_path, out, seed, ckpt=None, vae=None, text_encoder=
       stories = [(prompts_lib.load_story(prompts_path), out)]
   pipe = build_pipeline(config, ckpt, vae, text_encoder, tokenizer)
   if do_warmup:
-    print(f'compiling (warm-up): {warmup(pipe):.1f}s', file=sys.stderr)
+    print(f'compiling (warm-up): {pipe.warmup():.1f}s', file=sys.stderr)
   start = time.perf_counter()
   if interactive_lines is not None:
     sessions = [interactive(pipe, out, seed, interactive_lines)]

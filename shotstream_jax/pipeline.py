@@ -159,6 +159,16 @@ class ShotStreamPipeline:
   def frames_per_shot(self) -> int:
     return 1 + 4 * (self.config.sampling.shot_latent_frames - 1)
 
+  def warmup(self) -> float:
+    """Compile every jitted piece of streaming generation on a throwaway 2-shot story (any
+    story has the same shapes); returns the seconds it took."""
+    start = time.perf_counter()
+    session = self.session('warm-up', seed=0)
+    for caption in ('first', 'second'):
+      for _ in session.next_shot(caption):
+        pass
+    return time.perf_counter() - start
+
   def session(self, global_caption: str = '', seed: int = 0) -> 'StorySession':
     return StorySession(self, global_caption, seed)
 
