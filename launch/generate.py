@@ -36,7 +36,8 @@ from shotstream_jax.io import video as video_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:tiny',
                                           'Config: configs/shotstream.py:<preset>.')
-_PROMPTS = flags.DEFINE_string('prompts', None, 'Story JSON or testset CSV.')
+_PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/harbour.json',
+                                'Story JSON or testset CSV.')
 _OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors or orbax dir); '

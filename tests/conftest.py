@@ -11,12 +11,15 @@ import pytest
 def pytest_addoption(parser):
   parser.addoption('--runslow', action='store_true', default=False,
                    help='also run tests marked slow (real 1.3B shapes, long trainings)')
+  parser.addoption('--runhuge', action='store_true', default=False,
+                   help='also run tests marked huge (write >10 GB to disk, e.g. a full umT5-XXL file)')
 
 
 def pytest_collection_modifyitems(config, items):
-  if config.getoption('--runslow'):
-    return
-  skip = pytest.mark.skip(reason='slow: pass --runslow to run')
-  for item in items:
-    if 'slow' in item.keywords:
-      item.add_marker(skip)
+  for marker, option in (('slow', '--runslow'), ('huge', '--runhuge')):
+    if config.getoption(option):
+      continue
+    skip = pytest.mark.skip(reason=f'{marker}: pass {option} to run')
+    for item in items:
+      if marker in item.keywords:
+        item.add_marker(skip)

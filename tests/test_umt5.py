@@ -307,7 +307,7 @@ print('PEAK_ANON_KIB', max(peak[0], anon_kib()))
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.huge
 def test_umt5_xxl_import_fits_in_host_memory(tmp_path):
   """A full-size bf16 umT5-XXL .pth (original names) imports with one copy of the weights.
 

@@ -65,17 +65,22 @@ def _as_bytes(x) -> bytes:
   return x if isinstance(x, bytes) else str(x).encode()
 
 
+def host_slice(index: Optional[int], count: Optional[int], field: str):
+  """(index, count) of this host's slice; defaults to jax.process_index()/process_count()."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  if not 0 <= index < count:
+    raise ValueError(f'{field}: need 0 <= index < count, got {index}/{count}')
+  return index, count
+
+
 def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, drop_remainder: bool = True,
                  shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                  pad: Optional[Callable[[dict], dict]] = None,
                  transform: Optional[Callable[[dict], Any]] = None) -> grain.MapDataset:
   """The grain MapDataset: shard -> shuffle per epoch -> repeat -> pad/transform -> batch."""
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index/shard_count: need 0 <= index < count, got '
-                     f'{shard_index}/{shard_count}')
+  shard_index, shard_count = host_slice(shard_index, shard_count, 'shard_index/shard_count')
   if batch_size < 1:
     raise ValueError(f'batch_size: need >= 1, got {batch_size}')
   if len(source) < shard_count:

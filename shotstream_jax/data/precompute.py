@@ -51,6 +51,7 @@ import tqdm
 
 from shotstream_jax import context as context_lib
 from shotstream_jax import text as text_lib
+from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
@@ -278,11 +279,8 @@ def precompute(source, out_dir: str, encoders: Encoders, *, context_frames: int 
                process_count: Optional[int] = None, latent_dtype: str = 'float32',
                source_name: str = '', progress: bool = True) -> PrecomputeResult:
   """Encode `source` (len + getitem of example dicts) into shards under `out_dir`; resumable."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index/process_count: need 0 <= index < count, got '
-                     f'{process_index}/{process_count}')
+  process_index, process_count = loader_lib.host_slice(process_index, process_count,
+                                                       'process_index/process_count')
   if examples_per_shard < 1:
     raise ValueError(f'examples_per_shard: must be >= 1, got {examples_per_shard}')
   if context_frames < 0:
