@@ -205,7 +205,7 @@ class StorySession:
     self.captions: List[str] = []
     self.shot_lengths: List[int] = []
     self._candidates: Dict[int, np.ndarray] = {}   # global pixel index -> frame in [-1, 1]
-    self._video: List[np.ndarray] = []             # uint8 chunks, in order
+    self._video: List[np.ndarray] = []             # uint8 frames of each finished shot
     self.stats: List[ShotStats] = []
     self.latents: List[np.ndarray] = []            # [F, h, w, C] per shot
 
@@ -213,6 +213,8 @@ class StorySession:
 
   def _plan(self, caption: str) -> causal.ShotPlan:
     pipe = self.pipe
+    # A shot whose stream was abandoned part-way is forgotten: it never becomes context.
+    del self.captions[len(self.shot_lengths):]
     if not isinstance(caption, str) or not caption.strip():
       raise ValueError(f'prompt: shot {len(self.captions) + 1} has an empty prompt')
     choice = context_lib.choose_context(self.shot_lengths, pipe.budget)
@@ -233,9 +235,10 @@ class StorySession:
   def _shot_key(self):
     return jax.random.fold_in(self.key, len(self.captions) - 1)
 
-  def _finish_shot(self, frames: np.ndarray, latents, t0, first_s, decode_s=0.0, chunk_s=()):
-    """Keep candidate context frames of the new shot and record its stats."""
+  def _finish_shot(self, frames, video, latents, t0, first_s, decode_s=0.0, chunk_s=()):
+    """Keep the shot's uint8 video, its candidate context frames ([-1, 1]), and its stats."""
     pipe = self.pipe
+    self._video.append(video)
     n = frames.shape[0]
     start = sum(self.shot_lengths)
     keep = set()
@@ -259,7 +262,7 @@ class StorySession:
     global_cache = pipe._prefill(pipe.dit_params, plan)
     local = pipe.sampler.init_local(1)
     dcache = vae_lib.init_decode_cache(pipe.vae, 1, *pipe.latent_hw)
-    decoded, latents, first_s, decode_s, chunk_s = [], [], None, 0.0, []
+    decoded, shown, latents, first_s, decode_s, chunk_s = [], [], [], None, 0.0, []
     for index in range(pipe.sampler.num_chunks):
       t_chunk = time.perf_counter()
       x0, local = pipe._chunk(pipe.dit_params, plan, global_cache, local, jnp.int32(index), key)
@@ -273,11 +276,10 @@ class StorySession:
         first_s = time.perf_counter() - t0
       decoded.append(frames)
       latents.append(x0[0])
-      chunk = to_uint8(frames)
-      self._video.append(chunk)
-      yield chunk
-    self._finish_shot(np.concatenate(decoded), jnp.concatenate(latents), t0, first_s, decode_s,
-                      chunk_s)
+      shown.append(to_uint8(frames))
+      yield shown[-1]
+    self._finish_shot(np.concatenate(decoded), np.concatenate(shown), jnp.concatenate(latents),
+                      t0, first_s, decode_s, chunk_s)
 
   def run_shot(self, caption: str) -> np.ndarray:
     """The next shot through the jitted `lax.scan` over chunks and a whole-shot decode."""
@@ -288,13 +290,12 @@ class StorySession:
     t_decode = time.perf_counter()
     dcache = vae_lib.init_decode_cache(pipe.vae, 1, *pipe.latent_hw)
     frames = np.asarray(pipe._decode(pipe.vae_params, dcache, latents)[0][0])
-    self._video.append(to_uint8(frames))
     now = time.perf_counter()
-    self._finish_shot(frames, latents[0], t0, now - t0, now - t_decode)
+    self._finish_shot(frames, to_uint8(frames), latents[0], t0, now - t0, now - t_decode)
     return self._video[-1]
 
   def video(self) -> np.ndarray:
-    """All frames so far, uint8 [T, H, W, 3]."""
+    """All frames of the finished shots, uint8 [T, H, W, 3]."""
     if not self._video:
       raise ValueError('story: no shot has been generated yet')
     return np.concatenate(self._video)

@@ -190,3 +190,21 @@ def test_bad_inputs(pipe):
   cfg.sampling.local_frames = 4
   with pytest.raises(ValueError, match='sampling.local_frames: must be a positive multiple'):
     pipeline_lib.ShotStreamPipeline(cfg, pipe.dit_params, pipe.vae_params, pipe.prompt_encoder)
+
+
+def test_abandoned_stream_is_forgotten(pipe):
+  """Stopping a shot's stream part-way leaves the session as if that shot never happened."""
+  s = pipe.session('G. ', seed=2)
+  for _ in s.next_shot('first'):
+    pass
+  stream = s.next_shot('abandoned')
+  next(stream)
+  stream.close()
+  for _ in s.next_shot('second'):
+    pass
+  ref = pipe.session('G. ', seed=2)
+  ref.run_shot('first')
+  ref.run_shot('second')
+  assert s.captions == ['first', 'second'] and len(s.stats) == 2
+  assert s.video().shape == ref.video().shape
+  np.testing.assert_allclose(s.latents[1], ref.latents[1], atol=1e-5)
