@@ -178,6 +178,27 @@ def dit_from_torch(state_dict: Mapping[str, Any], model_cfg) -> dict:
   return params
 
 
+def dit_to_torch(params, model_cfg) -> dict:
+  """The inverse of `dit_from_torch`: original Wan names -> float32 numpy in PyTorch layout."""
+  out = {}
+  for name, path, kind, layer in _items(model_cfg):
+    value = np.asarray(_get(params, path), np.float32)
+    value = value if layer is None else value[layer]
+    if kind == 'linear':
+      value = value.T
+    elif kind == 'conv':  # patch Dense [(kt, kh, kw, C), D] -> Conv3d [D, C, kt, kh, kw]
+      pt, ph, pw = model_cfg.patch_size
+      value = value.reshape(pt, ph, pw, -1, value.shape[-1]).transpose(4, 3, 0, 1, 2)
+    out[name] = np.ascontiguousarray(value)
+  return out
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
 def load_dit(path: str, model_cfg) -> dict:
   """WanDiT params from a `.safetensors` / `.pt` / `.pth` file in any accepted layout."""
   return dit_from_torch(common.load_state_dict(path), model_cfg)
