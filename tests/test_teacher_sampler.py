@@ -1,0 +1,97 @@
+"""Teacher sampler: the 50-step grid and its saved steps, Euler/CFG on analytic velocity
+fields, and the ODE pairs of the tiny WanDiT against a hand-written step loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shotstream
+from shotstream_jax import context
+from shotstream_jax.models import dit
+from shotstream_jax.sampling import schedule
+from shotstream_jax.sampling import teacher
+
+
+def test_saved_steps_are_the_warped_student_steps():
+  t, sig = teacher.euler_grid(50, 8.0)
+  assert t.shape == (50,) and sig.shape == (51,) and sig[-1] == 0.0 and t[0] == 1000.0
+  np.testing.assert_allclose(t[list(teacher.SAVE_STEPS)], [1000.0, 957.93, 888.89, 737.59],
+                             atol=0.005)
+  cfg = shotstream.get_config('wan_1_3b').sampling
+  got = teacher.check_save_steps(teacher.SAVE_STEPS, cfg, 50, cfg.shift)
+  np.testing.assert_allclose(got, schedule.sampling_schedule(cfg)[0], atol=1e-3)
+  with pytest.raises(ValueError, match='teacher.save_steps'):
+    teacher.check_save_steps((0, 12, 25, 37), cfg, 50, 8.0)
+  with pytest.raises(ValueError, match='teacher.save_steps'):
+    teacher.check_save_steps((0, 13, 25, 50), cfg, 50, 8.0)
+  with pytest.raises(ValueError, match='teacher.num_steps'):
+    teacher.euler_grid(0)
+
+
+def test_zero_velocity_leaves_x_unchanged():
+  noise = jax.random.normal(jax.random.key(0), (2, 3, 4, 6, 16))
+  zero = lambda x, t: (jnp.zeros_like(x), jnp.zeros_like(x))
+  saved, x0 = teacher.euler_cfg(zero, noise)
+  np.testing.assert_array_equal(x0, noise)
+  assert saved.shape == (2, 4, 3, 4, 6, 16)
+  for k in range(4):
+    np.testing.assert_array_equal(saved[:, k], noise)
+
+
+def test_straight_flow_is_integrated_exactly_with_cfg():
+  """v = eps - x0 constant: Euler lands on x0 and passes x_t = (1 - sigma) x0 + sigma eps.
+  With v_cond = a, v_uncond = b the guided field is b + g (a - b)."""
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  shape = (1, 3, 4, 6, 16)
+  noise, x0 = jax.random.normal(k1, shape), jax.random.normal(k2, shape)
+  v = noise - x0
+  other = jax.random.normal(k3, shape)
+  g = 6.0
+  # cond and uncond chosen so that uncond + g (cond - uncond) == v exactly.
+  fn = lambda x, t: (other + (v - other) / g, other)
+  saved, out = teacher.euler_cfg(fn, noise, guidance=g)
+  np.testing.assert_allclose(out, x0, atol=2e-5)
+  _, sig = teacher.euler_grid(50, 8.0)
+  for k, step in enumerate(teacher.SAVE_STEPS):
+    np.testing.assert_allclose(saved[:, k], (1 - sig[step]) * x0 + sig[step] * noise, atol=2e-5)
+
+
+def test_ode_pairs_match_a_hand_written_loop():
+  cfg = shotstream.get_config('tiny')
+  m = cfg.model
+  params = dit.init_params(m, jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), params)
+  rng = np.random.default_rng(0)
+  choice = context.choose_context([9, 9], m.context_frames)
+  f = 3
+  cond = teacher.FrameConcat(
+      jnp.asarray(rng.standard_normal((1, 6, 4, 6, 16)), jnp.float32),
+      jnp.asarray([list(choice.ctx_shot) + [choice.gen_shot] * f]),
+      jnp.asarray([list(choice.ctx_caption) + [choice.gen_caption] * f]))
+  text = jnp.asarray(rng.standard_normal((7, 5, m.text_dim)), jnp.float32)
+  neg = jnp.asarray(rng.standard_normal((1, 5, m.text_dim)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal((1, f, 4, 6, 16)), jnp.float32)
+  steps, save, g = 4, (0, 2), 6.0
+  traj, times = jax.jit(lambda p, z: teacher.ode_pairs(
+      m, p, z, cond, text, neg, guidance=g, num_steps=steps, save_steps=save))(params, noise)
+  assert traj.shape == (1, 3, f, 4, 6, 16)
+  ts, sig = teacher.euler_grid(steps, 8.0)
+  np.testing.assert_allclose(times, [ts[0], ts[2], 0.0], rtol=1e-6)
+
+  model = dit.WanDiT(m)
+  x, saved = noise, []
+  for i in range(steps):
+    if i in save:
+      saved.append(x)
+    lat = jnp.concatenate([cond.ctx_latents, x], axis=1)
+    tt = jnp.full((1, 6 + f), ts[i], jnp.float32)
+    vc = model.apply({'params': params}, lat, tt, text, frame_shot=cond.frame_shot,
+                     frame_caption=cond.frame_caption)[:, 6:]
+    vu = model.apply({'params': params}, lat, tt, neg, frame_shot=cond.frame_shot,
+                     frame_caption=jnp.zeros_like(cond.frame_caption))[:, 6:]
+    x = x + (sig[i + 1] - sig[i]) * (vu + g * (vc - vu))
+  for k in range(2):
+    np.testing.assert_allclose(traj[:, k], saved[k], atol=1e-4)
+  np.testing.assert_allclose(traj[:, -1], x, atol=1e-4)
+  np.testing.assert_array_equal(traj[:, 0], noise)
