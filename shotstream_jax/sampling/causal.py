@@ -85,6 +85,10 @@ class CausalSampler:
     offset = (index * self.chunk_frames * self.tokens_per_frame) % self.local_tokens
     return cache_lib.write(local_cache, kv, offset)
 
+  def noise_keys(self, key, index):
+    """Keys of chunk `index`: [0] its starting noise, [i] the re-noising before step i."""
+    return jax.random.split(jax.random.fold_in(key, index), len(self.sigmas))
+
   def chunk(self, params, plan: ShotPlan, global_cache, local_cache, index, key):
     """Denoise chunk `index` of the shot and write its clean K/V into the local cache.
 
@@ -93,7 +97,7 @@ class CausalSampler:
     """
     b, n = plan.gen_shot.shape[0], self.chunk_frames
     run = functools.partial(self.forward, params, plan, global_cache, local_cache, index)
-    keys = jax.random.split(jax.random.fold_in(key, index), len(self.sigmas))
+    keys = self.noise_keys(key, index)
     shape = (b, n) + self.latent_hw + (self.model_cfg.in_channels,)
     x = jax.random.normal(keys[0], shape, jnp.float32)
     for i, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):

@@ -1,0 +1,156 @@
+"""Self-forcing rollouts of the causal student for DMD (DESIGN 4.5, stages 3 and 4).
+
+Stage 3: the student generates a shot chunk by chunk with its own caches, exactly as at
+inference (`CausalSampler` pieces: prefill, forward, write_local, noise keys), except that every
+chunk stops at one exit step k in 0..3 drawn once per iteration: its output is the x0
+prediction of step k. Only that forward carries gradient: the prefill, the steps before k, and
+the clean pass that writes the chunk's K/V run on `stop_gradient` params, and the inputs and
+caches the exit forward reads are `stop_gradient`. With k = 3 and the same key the latents are
+those of `CausalSampler.shot` (same noise keys per chunk and step).
+
+Stage 4: every shot of a sample is rolled out in order; each later shot's context comes from the
+decoded and re-encoded outputs of the earlier shots of this rollout (VAE decode -> the context
+rule of context.py -> each chosen frame encoded alone), all under `stop_gradient`.
+"""
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax import context as context_lib
+from shotstream_jax.models import dit
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.sampling import causal
+from shotstream_jax.sampling import schedule
+from shotstream_jax.sampling import teacher
+
+sg = jax.lax.stop_gradient
+
+
+@flax.struct.dataclass
+class Rollout:
+  latents: jax.Array     # [B, F, h, w, C]; gradient only through each chunk's exit forward
+  exit_step: jax.Array   # int32 []: the denoising step every chunk stopped at
+
+
+def draw_exit_step(key, num_steps: int):
+  """One exit step in [0, num_steps), shared by all chunks (and all hosts: same key)."""
+  return jax.random.randint(key, (), 0, num_steps)
+
+
+def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, key, exit_step,
+                 history_params=None) -> Rollout:
+  """One shot of the student, chunk by chunk, stopping every chunk at `exit_step` (traced ok).
+
+  Args:
+    sampler: the static structure (configs, latent size) of generation.
+    params: student params; gradient flows into them only through the exit forwards.
+    plan: per-shot inputs (context latents, ids, caption rows, text K/V). `plan.text_kv` is used
+      as given in the exit forward; compute it under `stop_gradient` to match the reference,
+      which fills its cross-attention cache without gradient.
+    key: noise key (the same derivation per chunk and step as `CausalSampler.chunk`).
+    exit_step: int in [0, len(denoising_steps)).
+    history_params: params for every pass without gradient (prefill, earlier steps, cache
+      writes); default `params`. Always `stop_gradient`.
+  """
+  hist = sg(params if history_params is None else history_params)
+  hist_plan = sg(plan)
+  ts = jnp.asarray(sampler.timesteps)
+  sigmas = jnp.asarray(sampler.sigmas)
+  b, n = plan.gen_shot.shape[0], sampler.chunk_frames
+  shape = (b, n) + sampler.latent_hw + (sampler.model_cfg.in_channels,)
+  full = lambda t: jnp.full((b, n), t, jnp.float32)
+  global_cache = sg(sampler.prefill(hist, hist_plan))
+  exit_step = jnp.asarray(exit_step, jnp.int32)
+
+  def body(local, index):
+    keys = sampler.noise_keys(key, index)
+
+    def earlier_step(i, x):
+      v = sampler.forward(hist, hist_plan, global_cache, local, index, x, full(ts[i]))
+      x0 = schedule.x0_from_velocity(x, v, sigmas[i])
+      noise = jax.random.normal(keys[i + 1], shape, jnp.float32)
+      return schedule.add_noise(x0, noise, sigmas[i + 1])
+
+    x = jax.random.normal(keys[0], shape, jnp.float32)
+    x = sg(jax.lax.fori_loop(0, exit_step, earlier_step, x))
+    v = sampler.forward(params, plan, global_cache, local, index, x, full(ts[exit_step]))
+    x0 = schedule.x0_from_velocity(x, v, sigmas[exit_step])
+    _, kv = sampler.forward(hist, hist_plan, global_cache, local, index, sg(x0),
+                            full(sampler.sampling_cfg.cache_timestep), return_kv=True)
+    return sg(sampler.write_local(local, sg(kv), index)), x0
+
+  _, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
+  xs = jnp.swapaxes(xs, 0, 1)
+  latents = xs.reshape((b, sampler.num_chunks * n) + xs.shape[3:])
+  return Rollout(latents, exit_step)
+
+
+def frameconcat(plan: causal.ShotPlan, num_frames: int) -> teacher.FrameConcat:
+  """The shot as the bidirectional teacher / critic see it: [context | num_frames generated]."""
+  b = plan.gen_shot.shape[0]
+  gen = lambda a: jnp.broadcast_to(a[:, None], (b, num_frames))
+  return teacher.FrameConcat(plan.ctx_latents,
+                             jnp.concatenate([plan.ctx_shot, gen(plan.gen_shot)], axis=1),
+                             jnp.concatenate([plan.ctx_caption, gen(plan.gen_caption)], axis=1))
+
+
+# ------------------------------------------------------------------ stage 4
+
+class ShotRollout(NamedTuple):
+  rollout: Rollout
+  plan: causal.ShotPlan         # what the student conditioned on
+  cond: teacher.FrameConcat     # the same for the real / fake scores
+  rows: jax.Array               # [Cf + 1, L, text_dim] caption table (for the scores' text)
+
+
+def shot_plan(model_cfg, params, ctx_latents, choice: context_lib.ContextChoice, caption_rows):
+  """ShotPlan of one shot: caption table rows gathered from per-shot prompt embeddings
+  caption_rows [S, L, text_dim]; text K/V under `stop_gradient` (as the reference)."""
+  b = ctx_latents.shape[0]
+  rows = caption_rows[np.asarray(choice.caption_shots)]
+  text_kv = sg(dit.WanTextKV(model_cfg).apply({'params': sg(params)}, rows))
+  rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
+  return causal.ShotPlan(sg(ctx_latents), rep(choice.ctx_shot), rep(choice.ctx_caption),
+                         rep(choice.gen_shot), rep(choice.gen_caption), text_kv), rows
+
+
+def history_context(vae, vae_params, decoded: Sequence[jax.Array], budget: int,
+                    latent_shape):
+  """(context latents [B, Cf, h, w, C], ContextChoice) of the next shot from the decoded
+  frames [B, T_s, H, W, 3] of the earlier shots of this rollout (exact zeros for shot 0)."""
+  choice = context_lib.choose_context([d.shape[1] for d in decoded], budget)
+  if not decoded:
+    return jnp.zeros(latent_shape[:1] + (budget,) + tuple(latent_shape[1:]), jnp.float32), choice
+  frames = jnp.concatenate([sg(d) for d in decoded], axis=1)[:, np.asarray(choice.frame_indices)]
+  b, cf = frames.shape[:2]
+  z = vae_lib.encode_image(vae, vae_params, frames.reshape((b * cf,) + frames.shape[2:]))
+  return sg(z.reshape((b, cf) + z.shape[2:])), choice
+
+
+def rollout_story(sampler: causal.CausalSampler, vae, vae_params, params, caption_rows, key,
+                  exit_steps, batch: int = 1,
+                  history_params=None) -> List[ShotRollout]:
+  """Every shot of a sample in order (stage 4), later shots conditioned on the decoded and
+  re-encoded rollouts of the earlier ones.
+
+  caption_rows: [S, L, text_dim] prompt embeddings of the S shots (`global + "shotI:" + ...`).
+  key: shot s uses fold_in(key, s) (as `StorySession`); exit_steps: [S] one per shot.
+  Returns per shot its rollout (gradient only through its own exit forwards) and what the DMD
+  losses need. The history (decode, context choice, encode) carries no gradient.
+  """
+  m = sampler.model_cfg
+  decoded, out = [], []
+  for s in range(caption_rows.shape[0]):
+    ctx, choice = history_context(vae, vae_params, decoded, m.context_frames,
+                                  (batch,) + sampler.latent_hw + (m.in_channels,))
+    plan, rows = shot_plan(m, params if history_params is None else history_params, ctx, choice,
+                           caption_rows)
+    roll = rollout_shot(sampler, params, plan, jax.random.fold_in(key, s), exit_steps[s],
+                        history_params)
+    out.append(ShotRollout(roll, plan, frameconcat(plan, roll.latents.shape[1]), rows))
+    decoded.append(sg(vae_lib.decode(vae, vae_params, sg(roll.latents))))
+  return out
