@@ -2,7 +2,7 @@ r"""Generate a multi-shot story to mp4, streaming chunk by chunk.
 
   # the embedded default model (random tiny weights; nothing to download):
   python launch/generate.py --config=configs/shotstream.py:tiny \
-      --prompts=../shared/reference/shotstream_demo/json/01.json --out=out/story.mp4
+      --prompts=configs/stories/harbour.json --out=out/story.mp4
 
   # the published model (files as distributed; orbax directories from convert.py work too):
   python launch/generate.py --config=configs/shotstream.py:wan_1_3b \
