@@ -1,0 +1,38 @@
+"""Stage 1, the bidirectional next-shot teacher: `get_config('tiny' | 'wan_1_3b')`.
+
+  python launch/train.py --config=configs/train/teacher.py:tiny --workdir=out/teacher_tiny
+
+`tiny` trains a 2-layer DiT from scratch on StoryWorld (built and encoded on first use, random
+tiny encoders) on CPU in about a minute. `wan_1_3b` is the reference fine-tune (DESIGN 4.5.1):
+from Wan2.1-T2V-1.3B (`--config.teacher.init_from=.../diffusion_pytorch_model.safetensors`),
+only self-attention params, AdamW lr 1e-5, betas (0, 0.999), wd 0.01, clip 10, bf16 compute
+with fp32 master weights, per-block remat, on precomputed shards (`data.train_dir`, ...).
+"""
+
+import ml_collections
+
+from configs.train import common
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  preset = (arg or 'tiny').strip()
+  c = common.base(preset, 'teacher')
+  tiny = preset == 'tiny'
+
+  t = c.teacher = ml_collections.ConfigDict()
+  t.init_from = ''            # '' = random init; a Wan/ShotStream file or our orbax dir
+  t.target_shot = 'random'    # 'random' shot of the story, or its 'last'
+  t.target_frames = 3 if tiny else 21   # latent frames of the target shot (padded / cut)
+  t.context_dropout = 0.1
+  t.prompt_dropout = 0.1
+  t.weighting = 'bump'        # w(t); 'uniform' turns it off
+  t.eval_batches = 0          # held-out batches per evaluation (0 = the whole split)
+
+  if tiny:
+    c.optim.teacher = common.adamw(lr=1e-3, clip=10.0, weight_decay=0.01)
+  else:
+    c.optim.teacher = common.adamw(lr=1e-5, clip=10.0, weight_decay=0.01,
+                                   trainable='self_attn')
+    c.model.dtype = 'bfloat16'
+    c.model.remat = True
+  return c

@@ -1,0 +1,52 @@
+r"""Train a ShotStream stage; resumes automatically from the last complete checkpoint in --workdir.
+
+  python launch/train.py --config=configs/train/teacher.py:tiny --workdir=out/teacher_tiny
+  python launch/train.py --config=configs/train/teacher.py:wan_1_3b --workdir=gs://bucket/teacher \
+      --config.teacher.init_from=Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors \
+      --config.data.train_dir=out/ref_train --config.data.heldout_dir=out/ref_heldout \
+      --config.mesh.fsdp=-1 --distributed
+
+Rerun the same command after a crash or preemption: it continues from the newest finalized
+checkpoint with the same data order and PRNG stream. Multi-host (TPU slice, multi-node GPU):
+run the same command on every host with --distributed (launch/tpu/README.md).
+Outputs in --workdir: checkpoints/, metrics.jsonl, tb/ (TensorBoard events), data/ (tiny).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shotstream_jax.training import train_loop  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/train/teacher.py:tiny',
+                                          'Training config: configs/train/<stage>.py:<preset>.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (resumed).')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'Call jax.distributed.initialize() (multi-host).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  del argv
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info('train: %d processes, %d devices (%s)', jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    state = cli.exit_on_user_error(train_loop.train, _CONFIG.value, _WORKDIR.value)
+  except train_loop.NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+  print(f'train: finished at step {int(state.step)}; workdir {_WORKDIR.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,83 @@
+"""Training checkpoints: train state + data-iterator state in one orbax step directory.
+
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=3, interval=1000)
+    restored = ckpt.restore_latest(abstract_state)        # None on a fresh workdir
+    if restored: state, data_state = restored; iterator.set_state(data_state)
+    ckpt.save(step, state, iterator.get_state())          # every `interval` steps (async write)
+    ckpt.close()                                          # waits for the last write
+
+A step is written to a temporary directory and renamed (or, on object stores, marked with a
+commit file) only when every process has finished it: orbax's atomic finalize. `latest_step`
+only sees finalized steps, so a run killed in the middle of a save resumes from the previous
+complete checkpoint and never reads a partial one.
+
+The data state is the grain iterator's `get_state()` (a small JSON dict, the position in the
+deterministic order). Every process reads its own slice of the data at the same position, so
+one copy, written by the primary process, restores all of them.
+"""
+
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """A CheckpointManager holding items 'state' (arrays, sharded) and 'data' (JSON)."""
+
+  def __init__(self, directory: str, keep: int = 3, interval: int = 1000,
+               async_save: bool = True):
+    if keep is not None and keep < 1:
+      raise ValueError(f'train.keep_checkpoints: must be >= 1 (or None for all), got {keep}')
+    if interval < 1:
+      raise ValueError(f'train.checkpoint_every: must be >= 1, got {interval}')
+    self.directory = os.path.abspath(directory)
+    self.interval = interval
+    # Every `interval` steps exactly (orbax alone would also save the first step); the final
+    # step is saved with force=True.
+    options = ocp.CheckpointManagerOptions(
+        should_save_fn=lambda step, _: step % interval == 0, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete (finalized) step, or None."""
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: Optional[dict] = None, force: bool = False) -> bool:
+    """Save if `step` is on the interval (or `force`); returns whether a save started."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {})), force=force)
+
+  def restore(self, step: int, abstract_state) -> Tuple[Any, dict]:
+    """(state, data_state) of `step`; `abstract_state` holds ShapeDtypeStructs with shardings."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out.state, dict(out.data or {})
+
+  def restore_latest(self, abstract_state) -> Optional[Tuple[int, Any, dict]]:
+    """(step, state, data_state) of the newest complete checkpoint, or None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    state, data = self.restore(step, abstract_state)
+    return step, state, data
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings`, for restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

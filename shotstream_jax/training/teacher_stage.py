@@ -1,0 +1,197 @@
+"""Stage 1: the bidirectional next-shot teacher (DESIGN 4.5.1).
+
+One training example is one target shot s of a story, laid out on the frame axis as
+
+    [ C clean context latents from shots < s | T target latents ]      C = model.context_frames
+
+The context frames are the reference's picks (context.choose_context: budget split over earlier
+shots, round(linspace) inside each, each frame encoded alone); a frame from shot j carries RoPE
+shot id j and attends to shot j's caption; the target frames carry `last id + 1` and their own
+caption. Shot 0 has all-zero context with id 0 (target id 1). Captions go through a per-example
+table of C + 1 rows (context.choose_context's `caption_shots`), so shapes never change.
+
+Loss: one timestep per example, shared by every frame (context included, as the reference), t
+uniform over the shifted grid; only target frames are noised; flow loss ||v - (noise - x0)||^2 on
+the real target frames, weighted by w(t) (a Gaussian bump at t=500, min-subtracted, mean 1 over
+the grid, so w(1000) = 0). With probability `context_dropout` the context is zeroed (ids 0,
+target id 1, as a first shot); with probability `prompt_dropout` every caption row is zeroed.
+Which params train is `optim.teacher.trainable` (the reference: 'self_attn').
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax import context as context_lib
+from shotstream_jax.data import precompute as pc
+from shotstream_jax.models import dit
+from shotstream_jax.sampling import schedule
+from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import sharding as sharding_lib
+
+TARGET_SHOT = ('random', 'last')
+WEIGHTINGS = ('bump', 'uniform')
+
+
+def loss_weights(timesteps: np.ndarray, weighting: str = 'bump') -> np.ndarray:
+  """w(t) on the grid: exp(-2((t-500)/1000)^2), minus its minimum, normalised to mean 1."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'teacher.weighting: unknown {weighting!r}; accepted: {", ".join(WEIGHTINGS)}')
+  t = np.asarray(timesteps, np.float64)
+  if weighting == 'uniform':
+    return np.ones_like(t)
+  w = np.exp(-2.0 * ((t - 500.0) / 1000.0) ** 2)
+  w = w - w.min()
+  return w / w.mean()
+
+
+def make_example(record, rng: np.random.Generator, *, context_frames: int, target_frames: int,
+                 target_shot: str = 'random'):
+  """One teacher example (fixed shapes) from a PrecomputedSource record (pad_text=True)."""
+  if target_shot not in TARGET_SHOT:
+    raise ValueError(f'teacher.target_shot: unknown {target_shot!r}; accepted: '
+                     f'{", ".join(TARGET_SHOT)}')
+  shot_frames = np.asarray(record['shot_frames'])
+  num_shots = len(shot_frames)
+  s = int(rng.integers(num_shots)) if target_shot == 'random' else num_shots - 1
+  choice = context_lib.choose_context(shot_frames[:s].tolist(), context_frames)
+  latents = np.asarray(record['latents'])
+  c, t = context_frames, target_frames
+  x = np.zeros((c + t,) + latents.shape[1:], np.float32)
+  if choice.frame_indices:
+    cand = np.asarray(record['ctx_frame_index'])
+    rows = np.searchsorted(cand, choice.frame_indices)
+    if np.any(rows >= len(cand)) or np.any(cand[np.minimum(rows, len(cand) - 1)] !=
+                                           choice.frame_indices):
+      raise ValueError(f'example {record.get("id")}: context frames {choice.frame_indices} are '
+                       'not among the precomputed candidates; precompute with the same '
+                       'model.context_frames')
+    x[:c] = np.asarray(record['ctx_latents'])[rows]
+  target = latents[np.asarray(record['latent_shot']) == s][:t]
+  x[c:c + len(target)] = target
+  mask = np.zeros(c + t, np.float32)
+  mask[c:c + len(target)] = 1.0
+  return {
+      'latents': x,
+      'frame_shot': np.asarray(choice.ctx_shot + (choice.gen_shot,) * t, np.int32),
+      'frame_caption': np.asarray(choice.ctx_caption + (choice.gen_caption,) * t, np.int32),
+      'target_mask': mask,
+      'text': np.asarray(record['text'], np.float32)[list(choice.caption_shots)],
+  }
+
+
+def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, weights,
+              context_dropout: float = 0.0, prompt_dropout: float = 0.0,
+              num_train_timesteps: int = 1000):
+  """(weighted loss, metrics) of a teacher batch; all randomness from `key`."""
+  x0 = batch['latents']
+  b, f = x0.shape[:2]
+  k_t, k_n, k_c, k_p = jax.random.split(key, 4)
+  idx = jax.random.randint(k_t, (b,), 0, grid_sigmas.shape[0])
+  sigma = grid_sigmas[idx]
+  w = weights[idx]
+  noise = jax.random.normal(k_n, x0.shape, x0.dtype)
+  is_target = (jnp.arange(f) >= context_frames)[None, :]                       # [1, F]
+  bc = lambda a: a[:, :, None, None, None]
+  s5 = sigma[:, None, None, None, None]
+  x_t = jnp.where(bc(is_target), (1.0 - s5) * x0 + s5 * noise, x0)
+  frame_shot, frame_caption, text = batch['frame_shot'], batch['frame_caption'], batch['text']
+  if context_dropout > 0:
+    drop = jax.random.bernoulli(k_c, context_dropout, (b,))[:, None]           # [B, 1]
+    ctx = drop & ~is_target
+    x_t = jnp.where(bc(ctx), 0.0, x_t)
+    frame_shot = jnp.where(drop, is_target.astype(jnp.int32), frame_shot)
+    frame_caption = jnp.where(ctx, frame_caption[:, context_frames:context_frames + 1],
+                              frame_caption)
+  if prompt_dropout > 0:
+    drop = jax.random.bernoulli(k_p, prompt_dropout, (b,))
+    text = jnp.where(drop[:, None, None, None], 0.0, text)
+  rows = text.shape[1]
+  v = model.apply({'params': params}, x_t,
+                  jnp.broadcast_to((sigma * num_train_timesteps)[:, None], (b, f)),
+                  text.reshape((b * rows,) + text.shape[2:]),
+                  frame_shot=frame_shot,
+                  frame_caption=frame_caption + rows * jnp.arange(b)[:, None],
+                  attention='bidirectional')
+  err = jnp.mean(jnp.square(v - (noise - x0)), axis=(2, 3, 4))                # [B, F]
+  mask = batch['target_mask']
+  per_example = jnp.sum(err * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+  loss = jnp.mean(w * per_example)
+  return loss, {'flow_mse': jnp.mean(per_example), 'timestep': jnp.mean(sigma) * 1000.0}
+
+
+class TeacherStage:
+  """Stage 1 for train_loop.train: one network, 'teacher'."""
+  networks = ('teacher',)
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    tc = config.teacher
+    self.model = dit.WanDiT(config.model)
+    sigmas = schedule.shifted_grid(config.sampling.num_train_timesteps, config.sampling.shift)
+    self.grid_sigmas = jnp.asarray(sigmas, jnp.float32)
+    self.weights = jnp.asarray(
+        loss_weights(sigmas * config.sampling.num_train_timesteps, tc.weighting), jnp.float32)
+    for name in ('context_dropout', 'prompt_dropout'):
+      if not 0.0 <= tc[name] < 1.0:
+        raise ValueError(f'teacher.{name}: must be in [0, 1), got {tc[name]}')
+    if tc.target_frames < 1:
+      raise ValueError(f'teacher.target_frames: must be >= 1, got {tc.target_frames}')
+    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
+    self._example = functools.partial(
+        make_example, context_frames=config.model.context_frames,
+        target_frames=tc.target_frames, target_shot=tc.target_shot)
+    self._loss = functools.partial(
+        flow_loss, self.model, context_frames=config.model.context_frames,
+        grid_sigmas=self.grid_sigmas, weights=self.weights,
+        num_train_timesteps=config.sampling.num_train_timesteps)
+
+  def boxed_shapes(self):
+    return {'teacher': sharding_lib.dit_boxed_shapes(self.config.model)}
+
+  def init_params(self, key, shardings):
+    """Random init (Wan's initializers) or `teacher.init_from` (a Wan/ShotStream file or orbax dir)."""
+    path = self.config.teacher.init_from
+    if not path:
+      init = jax.jit(lambda k: dit.init_params(self.config.model, k),
+                     out_shardings=shardings['teacher'])
+      return {'teacher': init(key)}
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'teacher.init_from: {path} does not exist')
+    if os.path.isdir(path):
+      from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+      params = checkpoints.restore_params(path)
+    else:
+      from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
+      params = convert_dit.load_dit(path, self.config.model)
+    return {'teacher': jax.device_put(params, shardings['teacher'])}
+
+  def loss(self, params, batch, key):
+    tc = self.config.teacher
+    return self._loss(params['teacher'], batch, key, context_dropout=tc.context_dropout,
+                      prompt_dropout=tc.prompt_dropout)
+
+  def eval_metrics(self, params, batch, key):
+    loss, aux = self._loss(params['teacher'], batch, key)
+    return {'loss': loss, 'flow_mse': aux['flow_mse']}
+
+  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
+    d = self.config.data
+    return data_lib.make_iterator(
+        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
+        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
+        read_threads=d.read_threads, prefetch=d.prefetch)
+
+  def eval_batches(self, batch_size: int):
+    """Held-out batches, a fixed list (same target shots every evaluation)."""
+    source = pc.PrecomputedSource(self.heldout_dir)
+    it = data_lib.make_iterator(source, self._example, batch_size=batch_size,
+                                seed=self.config.train.eval_seed, shuffle=False, num_epochs=1,
+                                shard_index=jax.process_index(),
+                                shard_count=jax.process_count(), read_threads=1, prefetch=1)
+    batches = list(it)
+    n = self.config.teacher.eval_batches
+    return batches[:n] if n else batches

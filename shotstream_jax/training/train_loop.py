@@ -1,0 +1,313 @@
+"""A thin, stage-agnostic training loop: sharded jitted steps, resumable, logged.
+
+    state = train(config, workdir)        # config: configs/train/<stage>.py:get_config(preset)
+
+A *stage* (stage 1 teacher: training/teacher_stage.py) supplies the networks and the loss:
+
+    stage.networks                          names of the param subtrees, e.g. ('teacher',)
+    stage.boxed_shapes()                    {net: logically-boxed param shapes} (for shardings)
+    stage.init_params(key)                  {net: params}, unboxed (random or loaded)
+    stage.loss(params, batch, key)          -> (scalar loss, {name: scalar}) inside jit
+    stage.train_iterator(index, count, batch_size)   grain iterator with get/set_state
+    stage.eval_batches(batch_size)          host batches for held-out metrics (or [])
+    stage.eval_metrics(params, batch, key)  -> {name: scalar} inside jit
+
+The loop owns everything else: mesh and shardings, AdamW per network (`config.optim.<net>`:
+lr, betas, weight decay, clipping by that network's global norm, a regex of trainable params),
+the `TrainState` pytree (params, opt_state, step, rng) checkpointed with the data position,
+automatic resume, non-finite guards, jsonl + TensorBoard metrics and a progress bar.
+Stages with another update rule (DMD: generator every N steps) can pass their own
+`stage.train_step(tx) -> step(state, batch) -> (state, metrics)`; the guard and the rest apply.
+"""
+
+import importlib
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from shotstream_jax.training import checkpoint as ckpt_lib
+from shotstream_jax.training import metrics as metrics_lib
+from shotstream_jax.training import sharding as sharding_lib
+
+# config.stage -> 'module:Class' (imported lazily, so stages are independent files).
+STAGES = {
+    'teacher': 'shotstream_jax.training.teacher_stage:TeacherStage',
+}
+FROZEN = 'frozen'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: completed steps (skipped non-finite steps included)
+  params: Any            # {network: params}, fp32 master weights
+  opt_state: Any
+  rng: jax.Array         # uint32 raw key data (checkpoint-friendly), split once per step
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient was NaN/Inf and `train.skip_nonfinite` is False."""
+
+
+def get_stage(config, workdir: str):
+  if config.stage not in STAGES:
+    raise ValueError(f'stage: unknown {config.stage!r}; accepted: {", ".join(STAGES)}')
+  module, cls = STAGES[config.stage].split(':')
+  return getattr(importlib.import_module(module), cls)(config, workdir)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_labels(params, optim_cfg) -> Any:
+  """Per-leaf optimizer label: the network name if its `trainable` regex matches, else frozen.
+
+  The regex is searched in the param path joined by '/', e.g. 'blocks/self_attn/q/kernel';
+  '' trains every param of the network.
+  """
+  def label(path, _):
+    net = str(getattr(path[0], 'key', path[0]))
+    pattern = optim_cfg[net].trainable
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path[1:])
+    return net if not pattern or re.search(pattern, name) else FROZEN
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def learning_rate(cfg) -> optax.Schedule:
+  if cfg.warmup_steps < 0:
+    raise ValueError(f'optim.warmup_steps: must be >= 0, got {cfg.warmup_steps}')
+  if cfg.warmup_steps == 0:
+    return optax.constant_schedule(cfg.lr)
+  return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+
+
+def network_optimizer(cfg) -> optax.GradientTransformation:
+  """Clip by this network's global norm, then AdamW (decoupled decay, as torch.optim.AdamW)."""
+  parts = []
+  if cfg.clip and cfg.clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip))
+  parts.append(optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def make_optimizer(optim_cfg, networks) -> optax.GradientTransformation:
+  """One optimizer per network (own clipping and lr); params outside `trainable` are frozen."""
+  nets = sorted(networks)
+  missing = [n for n in nets if n not in optim_cfg]
+  if missing:
+    raise ValueError(f'optim: no section for network(s) {missing}; have {list(optim_cfg)}')
+  transforms = {n: network_optimizer(optim_cfg[n]) for n in nets}
+  transforms[FROZEN] = optax.set_to_zero()
+  return optax.multi_transform(transforms, lambda p: param_labels(p, optim_cfg))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _tree_where(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def default_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """step(state, batch) -> (state, metrics): grad of loss_fn, optimizer update."""
+  def step(state: TrainState, batch):
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, sub)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux, loss=loss)
+    for net in grads:
+      metrics[f'grad_norm/{net}'] = optax.global_norm(grads[net])
+    return state.replace(params=params, opt_state=opt_state,
+                         rng=jax.random.key_data(key)), metrics
+  return step
+
+
+def guarded(step_fn: Callable) -> Callable:
+  """Keeps params and opt state unchanged when the loss or a grad norm is NaN/Inf.
+
+  The decision is made on device (jnp.where), so a skipped step costs no host round trip;
+  step and rng still advance (the batch was consumed). metrics['finite'] tells the host.
+  """
+  def step(state: TrainState, batch):
+    new, metrics = step_fn(state, batch)
+    checks = [v for k, v in metrics.items() if k == 'loss' or k.startswith('grad_norm/')]
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checks]))
+    new = new.replace(params=_tree_where(ok, new.params, state.params),
+                      opt_state=_tree_where(ok, new.opt_state, state.opt_state),
+                      step=state.step + 1)
+    return new, dict(metrics, finite=ok.astype(jnp.float32))
+  return step
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _key_data(seed: int):
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def state_shardings(stage, tx, mesh, rules):
+  """(abstract TrainState with shapes, TrainState of NamedShardings)."""
+  boxed = stage.boxed_shapes()
+  param_sh = {n: sharding_lib.shardings_from_boxed(boxed[n], mesh, rules) for n in boxed}
+  params = {n: flax.linen.meta.unbox(boxed[n]) for n in boxed}
+  opt_shapes = jax.eval_shape(tx.init, params)
+  repl = sharding_lib.replicated(mesh)
+  opt_sh = _like_params(opt_shapes, params, param_sh, repl)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=opt_shapes, rng=jax.eval_shape(lambda: _key_data(0)))
+  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+  return shapes, shardings
+
+
+def _path_names(path):
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _like_params(opt_shapes, params, param_sh, default):
+  """Shardings for an optimizer state: a leaf whose key path ends with a param's path (and has
+  its shape), e.g. mu/teacher/blocks/.../kernel, gets that param's sharding; counts and
+  other scalars get `default`. Works through masked / multi_transform states."""
+  table = {}
+  for (path, x), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree_util.tree_flatten_with_path(param_sh)[0]):
+    table[_path_names(path)] = (x.shape, sh)
+
+  def pick(path, x):
+    names = _path_names(path)
+    for n in range(len(names), 0, -1):
+      hit = table.get(names[-n:])
+      if hit is not None and hit[0] == x.shape:
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def init_state(stage, tx, shardings, seed: int) -> TrainState:
+  """A fresh TrainState, created directly with its shardings."""
+  init_key, rng = jax.random.split(jax.random.key(seed))
+  params = stage.init_params(init_key, shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return TrainState(step=jax.device_put(jnp.int32(0), shardings.step), params=params,
+                    opt_state=opt_state,
+                    rng=jax.device_put(jax.random.key_data(rng), shardings.rng))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train(config, workdir: str, *, stage=None,
+          batch_hook: Optional[Callable[[int, Dict[str, np.ndarray]], Dict]] = None,
+          step_hook: Optional[Callable[[int, TrainState, Dict[str, float]], None]] = None,
+          devices=None) -> TrainState:
+  """Trains `config.train.num_steps` steps in `workdir`, resuming from its last checkpoint.
+
+  batch_hook(step, host_batch) -> host_batch and step_hook(step, state, metrics) are for tests
+  and debugging (fault injection, probes); `step` is the 1-based number of the step.
+  """
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_rules(config)
+  stage = stage or get_stage(config, workdir)
+  global_batch = config.data.batch_size
+  if global_batch % sharding_lib.batch_size_multiple(mesh):
+    raise ValueError(f'data.batch_size: {global_batch} is not divisible by the data x fsdp '
+                     f'mesh size {sharding_lib.batch_size_multiple(mesh)}')
+  if global_batch % jax.process_count():
+    raise ValueError(f'data.batch_size: {global_batch} not divisible by {jax.process_count()} '
+                     'processes')
+  local_batch = global_batch // jax.process_count()
+
+  tx = make_optimizer(config.optim, stage.networks)
+  shapes, shardings = state_shardings(stage, tx, mesh, rules)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
+  iterator = stage.train_iterator(jax.process_index(), jax.process_count(), local_batch)
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
+  if restored is None:
+    state, start = init_state(stage, tx, shardings, tc.seed), 0
+  else:
+    start, state, data_state = restored
+    iterator.set_state(data_state)
+    logging.info('train: resumed from step %d in %s', start, checkpointer.directory)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
+
+  make_step = getattr(stage, 'train_step', None)
+  step_fn = guarded(make_step(tx) if make_step else default_train_step(stage.loss, tx))
+  jitted, eval_jitted = None, None
+  eval_batches = stage.eval_batches(local_batch) if tc.eval_every else []
+  repl = sharding_lib.replicated(mesh)
+
+  def evaluate(step):
+    nonlocal eval_jitted
+    if not eval_batches:
+      return {}
+    if eval_jitted is None:
+      eval_jitted = jax.jit(stage.eval_metrics, in_shardings=(
+          shardings.params, sharding_lib.batch_shardings(eval_batches[0], mesh), repl),
+          out_shardings=repl)
+    sums = {}
+    for i, b in enumerate(eval_batches):
+      key = jax.device_put(_key_data(tc.eval_seed + i), repl)
+      m = jax.device_get(eval_jitted(state.params, sharding_lib.shard_batch(b, mesh), key))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    out = {f'eval/{k}': v / len(eval_batches) for k, v in sums.items()}
+    writer.write(step, out)
+    return out
+
+  if start == 0 and eval_batches:
+    evaluate(0)
+  bar = tqdm.tqdm(total=tc.num_steps, initial=start, desc=f'train {config.stage}',
+                  disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True)
+  skipped, t0 = 0, time.time()
+  step = start
+  try:
+    while step < tc.num_steps:
+      host_batch = next(iterator)
+      step += 1
+      if batch_hook is not None:
+        host_batch = batch_hook(step, host_batch)
+      batch = sharding_lib.shard_batch(host_batch, mesh)
+      if jitted is None:
+        jitted = jax.jit(step_fn, in_shardings=(shardings,
+                                                sharding_lib.batch_shardings(host_batch, mesh)),
+                         out_shardings=(shardings, repl), donate_argnums=(0,))
+      state, metrics = jitted(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not metrics['finite']:
+        bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+        if not tc.skip_nonfinite:
+          raise NonFiniteError(f'train: non-finite loss or gradient at step {step} ({bad}); '
+                               'the step was not applied; set train.skip_nonfinite=True to '
+                               'skip such steps')
+        skipped += 1
+        logging.warning('train: skipped step %d: non-finite %s', step, bad)
+      metrics['skipped_steps'] = skipped
+      if step_hook is not None:
+        step_hook(step, state, metrics)
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        metrics['steps_per_sec'] = (step - start) / max(time.time() - t0, 1e-9)
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}')
+      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
+        ev = evaluate(step)
+        bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))
+      checkpointer.save(step, state, iterator.get_state(), force=step == tc.num_steps)
+      bar.update(1)
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  return state
