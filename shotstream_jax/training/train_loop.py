@@ -41,6 +41,9 @@ from shotstream_jax.training import sharding as sharding_lib
 # config.stage -> 'module:Class' (imported lazily, so stages are independent files).
 STAGES = {
     'teacher': 'shotstream_jax.training.teacher_stage:TeacherStage',
+    'ode_init': 'shotstream_jax.training.ode_stage:OdeInitStage',
+    'dmd_intra': 'shotstream_jax.training.dmd_stage:DmdStage',
+    'dmd_inter': 'shotstream_jax.training.dmd_stage:DmdStage',
 }
 FROZEN = 'frozen'
 
