@@ -1,0 +1,106 @@
+"""Where a stage's network starts from: one DiT params pytree from any of our weight formats.
+
+    params = load_network_params(path, 'teacher', config.model, sharding=shardings['teacher'])
+
+`path` may be
+  * a training workdir of ours (has `checkpoints/`): the newest *complete* step's item 'state',
+    only its params[network] is read (orbax partial restore; the optimizer state is skipped);
+  * one checkpoint step directory of ours (`<workdir>/checkpoints/<step>`, has `state/`);
+  * an orbax params directory written by shotstream_jax/checkpoints.py (launch/convert.py);
+  * a Wan / ShotStream / diffusers `.safetensors` / `.pt` / `.pth` file (convert/dit.py).
+Stages 1-4 share it so every `*.init_from` / `*.teacher_from` field accepts the same things.
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from shotstream_jax.models import dit
+
+CHECKPOINTS = 'checkpoints'   # training/train_loop.py: <workdir>/checkpoints/<step>/{state,data}
+STATE_ITEM = 'state'
+
+
+def _latest_step_dir(ckpt_dir: str) -> str:
+  """The newest finalized step directory (orbax ignores unfinished temporary ones)."""
+  with ocp.CheckpointManager(ckpt_dir, item_names=(STATE_ITEM, 'data'),
+                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'init: no complete checkpoint in {ckpt_dir}')
+  return os.path.join(ckpt_dir, str(step))
+
+
+def _restore_network(step_dir: str, network: str, model_cfg, field: str, sharding=None):
+  """params[network] of a TrainState checkpoint, without reading the rest of the state."""
+  state_dir = os.path.join(step_dir, STATE_ITEM)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    saved = ckptr.metadata(state_dir)
+    tree = getattr(saved, 'item_metadata', saved)
+    tree = getattr(tree, 'tree', tree)
+    nets = list(tree.get('params', {})) if isinstance(tree, dict) else []
+    if network not in nets:
+      raise ValueError(f'{field}: checkpoint {step_dir} has no network {network!r}; '
+                       f'it holds {nets}')
+    shapes = dit.param_shapes(model_cfg)
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.leaves(sharding, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+      sharding = jax.tree.unflatten(jax.tree.structure(shapes), sharding)
+    else:
+      sharding = jax.tree.map(lambda _: sharding, shapes)
+    target = {'params': {network: shapes}}
+    restore_args = {'params': {network: jax.tree.map(
+        lambda x, s: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=s), shapes, sharding)}}
+    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  return out['params'][network]
+
+
+def _check_shapes(params, model_cfg, path: str, field: str):
+  want = dit.param_shapes(model_cfg)
+  got_s = jax.tree.structure(params)
+  if got_s != jax.tree.structure(want):
+    raise ValueError(f'{field}: params in {path} do not match the model config\'s structure '
+                     '(another model preset?)')
+  bad = [jax.tree_util.keystr(p) for (p, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want))
+         if tuple(a.shape) != tuple(b.shape)]
+  if bad:
+    raise ValueError(f'{field}: params in {path} have other shapes than the model config at '
+                     f'{bad[:3]} (another model preset?)')
+
+
+def load_network_params(path: str, network: str, model_cfg, *, sharding: Optional[Any] = None,
+                        field: str = 'init_from'):
+  """DiT params of `network` from `path` (see the module docstring), placed by `sharding`.
+
+  `field` names the config field in error messages. Raises FileNotFoundError when nothing is
+  at `path` and ValueError when it holds no usable params for `model_cfg`.
+  """
+  if not path:
+    raise ValueError(f'{field}: empty path; give a training workdir, an orbax params dir or a '
+                     'Wan/ShotStream .safetensors/.pt/.pth file')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{field}: {path} does not exist')
+  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    params = _restore_network(_latest_step_dir(os.path.join(path, CHECKPOINTS)), network,
+                              model_cfg, field, sharding)
+  elif os.path.isdir(os.path.join(path, STATE_ITEM)):
+    params = _restore_network(path, network, model_cfg, field, sharding)
+  elif os.path.isdir(path):
+    from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    try:
+      params = checkpoints.restore_params(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise ValueError(f'{field}: {path} is neither a training workdir (no {CHECKPOINTS}/) nor '
+                       f'an orbax params directory ({e})') from e
+  else:
+    from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
+    params = convert_dit.load_dit(path, model_cfg)
+  _check_shapes(params, model_cfg, path, field)
+  return jax.device_put(params, sharding) if sharding is not None else params
