@@ -30,14 +30,27 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/train/teacher.py:ti
                                           'Training config: configs/train/<stage>.py:<preset>.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (resumed).')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host).')
+                                 'Call jax.distributed.initialize() (multi-host). On Cloud TPU, '
+                                 'SLURM and Open MPI it finds its peers itself; elsewhere give '
+                                 'the three flags below.')
+_COORDINATOR = flags.DEFINE_string('coordinator', None,
+                                   'With --distributed: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'With --distributed: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'With --distributed: this process, 0..num_processes-1.')
 flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    print('error: --coordinator/--num_processes/--process_id: only with --distributed',
+          file=sys.stderr)
+    sys.exit(2)
   logging.info('train: %d processes, %d devices (%s)', jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
