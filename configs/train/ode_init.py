@@ -1,0 +1,51 @@
+"""Stage 2, ODE init of the causal student: `get_config('tiny' | 'wan_1_3b')`.
+
+  python launch/train.py --config=configs/train/ode_init.py:wan_1_3b --workdir=out/ode \
+      --config.ode.init_from=out/teacher --config.data.train_dir=... --config.data.heldout_dir=...
+
+The generator starts from a stage-1 run (`ode.init_from`: a training workdir, an orbax dir or a
+Wan/ShotStream file; '' = random) and the frozen teacher is the same weights unless
+`ode.teacher_from` says otherwise. `wan_1_3b` follows the reference (DESIGN 4.5.2): teacher
+pairs from 50 Euler steps with CFG 6 and the negative prompt, saved at steps 0/13/25/37 (the
+warped student timesteps) + x0; AdamW lr 1e-6, betas (0, 0.999), wd 0.01, clip 1, all params.
+`tiny` trains the 2-layer DiT on StoryWorld with a large lr and the same 50-step sampler (it is
+cheap at that size), so its loss visibly falls within a few dozen steps on CPU.
+"""
+
+import ml_collections
+
+from configs.train import common
+
+FROZEN_REGEX = '(?!)'   # matches no param: the teacher never trains (= ode_stage.FROZEN_REGEX)
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  preset = (arg or 'tiny').strip()
+  c = common.base(preset, 'ode_init')
+  tiny = preset == 'tiny'
+
+  o = c.ode = ml_collections.ConfigDict()
+  o.init_from = ''            # generator start: a workdir / orbax dir / file; '' = random
+  o.init_network = 'teacher'  # which network of a training workdir init_from names
+  o.teacher_from = ''         # frozen teacher; '' = a copy of the generator's initial weights
+  o.target_shot = 'random'    # 'random' shot of the story, or its 'last'
+  o.target_frames = c.sampling.shot_latent_frames   # generated frames (multiple of chunk)
+  o.num_steps = 50            # teacher Euler steps
+  o.guidance = 6.0            # CFG: uncond + g (cond - uncond), uncond = negative prompt
+  o.save_steps = (0, 13, 25, 37)   # latents entering these steps (+ x0) form the trajectory
+  o.exact_steps = True        # require save_steps' timesteps == the student's denoising steps
+  o.eval_batches = 1 if tiny else 4   # held-out batches per evaluation (0 = the whole split)
+
+  frozen = common.adamw(lr=0.0, clip=0.0, trainable=FROZEN_REGEX)
+  if tiny:
+    c.optim.generator = common.adamw(lr=1e-3, clip=1.0)
+    c.optim.teacher = frozen
+    c.train.num_steps = 100
+    c.train.eval_every = 50
+    c.train.checkpoint_every = 50
+  else:
+    c.optim.generator = common.adamw(lr=1e-6, clip=1.0)
+    c.optim.teacher = frozen
+    c.model.dtype = 'bfloat16'
+    c.model.remat = True
+  return c

@@ -1,0 +1,200 @@
+"""Stage 2, ODE init: the block-causal student regresses the teacher's ODE endpoints (DESIGN 4.5.2).
+
+Networks: 'generator' (the causal student, trained) and 'teacher' (frozen). The teacher is a
+network of the train state so that the loop shards and checkpoints it like any other, but its
+optimizer section must train nothing (`optim.teacher.trainable` = FROZEN_REGEX): its params get
+the loop's `set_to_zero` transform, which holds no optimizer state, and the loss reads them
+through stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from` ('' = random, tests
+only; training/init.py lists the accepted formats); the
+teacher from `ode.teacher_from` ('' = a copy of the generator's initial weights -- with
+init_from set to a stage-1 run that is exactly the reference's "student initialised from the
+teacher").
+
+One example is one target shot's conditioning, from the same precomputed shards and with the
+same layout as stage 1 (teacher_stage.make_example): C clean context latents with their RoPE
+shot ids and caption rows, the caption table, plus the negative prompt's embedding. The target
+latents of the data are not used: the teacher generates the target from noise.
+
+ODE pairs are made ON THE FLY inside the jitted step (the reference precomputes them once):
+Euler over `ode.num_steps` steps of the shifted grid with CFG `uncond + g (cond - uncond)`
+(g = `ode.guidance`, uncond = the negative prompt), FrameConcat conditioning on the target
+shot's context, saving the latents entering `ode.save_steps` and the final x0
+(sampling/teacher.py:ode_pairs). The saved steps must be the student's denoising timesteps
+(50 steps -> 0/13/25/37 for the warped [1000, 740, 500, 260]); `ode.exact_steps=False` lifts
+that check, for fast smoke runs only. Then losses.ode_regression_loss: one random trajectory
+index per chunk, block-causal attention, MSE to x0 on frames with t > 0.
+
+Deviation from the reference (README): pairs are fresh every step (new noise, new story
+shot) instead of a fixed precomputed set reused over epochs, so a step also costs
+num_steps x 2 teacher forwards without gradient.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax.data import precompute as pc
+from shotstream_jax.models import dit
+from shotstream_jax.sampling import teacher as teacher_lib
+from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import init as init_lib
+from shotstream_jax.training import losses
+from shotstream_jax.training import sharding as sharding_lib
+from shotstream_jax.training import teacher_stage
+
+GENERATOR, TEACHER = 'generator', 'teacher'
+FROZEN_REGEX = '(?!)'   # matches nothing: optim.teacher.trainable of this stage
+
+
+def make_example(record, rng: np.random.Generator, *, negative: np.ndarray, context_frames: int,
+                 target_shot: str = 'random'):
+  """One ODE example: the target shot's context and routing (stage-1 layout) + negative prompt.
+
+  frame_shot / frame_caption keep the stage-1 length C + 1 (context, then the target's id and
+  caption row); the stage broadcasts the last entry over the target frames.
+  """
+  ex = teacher_stage.make_example(record, rng, context_frames=context_frames, target_frames=1,
+                                  target_shot=target_shot)
+  return {
+      'ctx_latents': ex['latents'][:context_frames],
+      'frame_shot': ex['frame_shot'],
+      'frame_caption': ex['frame_caption'],
+      'text': ex['text'],
+      'negative': np.asarray(negative, np.float32)[None],     # [1, L, D]: a 1-row table
+  }
+
+
+def conditioning(batch, target_frames: int):
+  """(cond, text, uncond, uncond_text) for a batch: caption tables flattened over the batch."""
+  b, rows = batch['text'].shape[:2]
+  shot, caption = batch['frame_shot'], batch['frame_caption']
+  widen = lambda a: jnp.concatenate(
+      [a[:, :-1], jnp.repeat(a[:, -1:], target_frames, axis=1)], axis=1)
+  cond = teacher_lib.FrameConcat(ctx_latents=batch['ctx_latents'], frame_shot=widen(shot),
+                                 frame_caption=widen(caption) + rows * jnp.arange(b)[:, None])
+  text = batch['text'].reshape((b * rows,) + batch['text'].shape[2:])
+  neg = batch['negative']
+  uncond = cond.replace(frame_caption=jnp.broadcast_to(
+      neg.shape[1] * jnp.arange(b)[:, None], cond.frame_caption.shape))
+  return cond, text, uncond, neg.reshape((b * neg.shape[1],) + neg.shape[2:])
+
+
+def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: float,
+             num_steps: int, shift: float, save_steps):
+  """(loss, metrics): teacher trajectory from fresh noise, then the student's ODE regression."""
+  k_noise, k_idx = jax.random.split(key)
+  cond, text, uncond, uncond_text = conditioning(batch, target_frames)
+  ctx = batch['ctx_latents']
+  noise = jax.random.normal(k_noise, (ctx.shape[0], target_frames) + ctx.shape[2:], ctx.dtype)
+  teacher = jax.lax.stop_gradient(params[TEACHER])
+
+  def velocity_fn(x, t):
+    return (teacher_lib.frameconcat_velocity(model_cfg, teacher, cond, x, t, text),
+            teacher_lib.frameconcat_velocity(model_cfg, teacher, uncond, x, t, uncond_text))
+
+  saved, x0 = teacher_lib.euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
+  ts, _ = teacher_lib.euler_grid(num_steps, shift)
+  times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
+  trajectory = jax.lax.stop_gradient(jnp.concatenate([saved, x0[:, None]], axis=1))
+  loss, aux = losses.ode_regression_loss(model_cfg, params[GENERATOR], trajectory, times, cond,
+                                         text, k_idx)
+  return loss, dict(aux, teacher_x0_std=jnp.std(x0))
+
+
+class OdeInitStage:
+  """Stage 2 for train_loop.train: 'generator' trained, 'teacher' frozen (see module doc)."""
+  networks = (GENERATOR, TEACHER)
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    oc = config.ode
+    n = config.model.chunk_frames
+    if oc.target_frames < 1 or oc.target_frames % n:
+      raise ValueError(f'ode.target_frames: must be a positive multiple of model.chunk_frames '
+                       f'({n}), got {oc.target_frames}')
+    if oc.guidance < 0:
+      raise ValueError(f'ode.guidance: must be >= 0, got {oc.guidance}')
+    save_steps = tuple(int(s) for s in oc.save_steps)
+    try:   # sampling/teacher.py names its fields teacher.*; here they are ode.*
+      teacher_lib.euler_grid(oc.num_steps)
+      if oc.exact_steps:
+        teacher_lib.check_save_steps(save_steps, config.sampling, oc.num_steps,
+                                     config.sampling.shift)
+    except ValueError as e:
+      raise ValueError(str(e).replace('teacher.', 'ode.', 1)) from None
+    if list(save_steps) != sorted(set(save_steps)) or not all(
+        0 <= s < oc.num_steps for s in save_steps):
+      raise ValueError(f'ode.save_steps: must be increasing and in [0, {oc.num_steps}), got '
+                       f'{list(save_steps)}')
+    if oc.init_network not in (GENERATOR, TEACHER):
+      raise ValueError(f'ode.init_network: unknown {oc.init_network!r}; accepted: '
+                       f'{GENERATOR}, {TEACHER}')
+    self._check_frozen(config)
+    self.model = dit.WanDiT(config.model)
+    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
+    negative = pc.PrecomputedSource(self.train_dir).negative()
+    self._example = functools.partial(
+        make_example, negative=negative, context_frames=config.model.context_frames,
+        target_shot=oc.target_shot)
+    self.loss = functools.partial(
+        ode_loss, config.model, target_frames=oc.target_frames, guidance=oc.guidance,
+        num_steps=oc.num_steps, shift=config.sampling.shift, save_steps=save_steps)
+
+  @staticmethod
+  def _check_frozen(config):
+    if TEACHER not in config.optim:
+      raise ValueError('optim.teacher: required (the frozen teacher); use '
+                       f"common.adamw(..., trainable='{FROZEN_REGEX}')")
+    pattern = config.optim.teacher.trainable
+    names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(dit.param_shapes(config.model))[0]]
+    hit = [name for name in names if not pattern or re.search(pattern, name)]
+    if hit:
+      raise ValueError(f'optim.teacher.trainable: must match no param (the teacher is frozen; '
+                       f"use '{FROZEN_REGEX}'), got {pattern!r} matching {hit[0]!r}")
+
+  def boxed_shapes(self):
+    shapes = sharding_lib.dit_boxed_shapes(self.config.model)
+    return {GENERATOR: shapes, TEACHER: shapes}
+
+  def init_params(self, key, shardings):
+    """Generator from `ode.init_from` (or random); teacher from `ode.teacher_from` (or a copy)."""
+    oc, model_cfg = self.config.ode, self.config.model
+    if oc.init_from:
+      gen = init_lib.load_network_params(oc.init_from, oc.init_network, model_cfg,
+                                         sharding=shardings[GENERATOR], field='ode.init_from')
+    else:
+      gen = jax.jit(lambda k: dit.init_params(model_cfg, k),
+                    out_shardings=shardings[GENERATOR])(key)
+    if oc.teacher_from:
+      teacher = init_lib.load_network_params(oc.teacher_from, TEACHER, model_cfg,
+                                             sharding=shardings[TEACHER],
+                                             field='ode.teacher_from')
+    else:   # own buffers: the train state is donated
+      teacher = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                        out_shardings=shardings[TEACHER])(gen)
+    return {GENERATOR: gen, TEACHER: teacher}
+
+  def eval_metrics(self, params, batch, key):
+    loss, aux = self.loss(params, batch, key)
+    return {'loss': loss, 'teacher_x0_std': aux['teacher_x0_std']}
+
+  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
+    d = self.config.data
+    return data_lib.make_iterator(
+        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
+        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
+        read_threads=d.read_threads, prefetch=d.prefetch)
+
+  def eval_batches(self, batch_size: int):
+    """Held-out batches, a fixed list (same shots; the eval key fixes the teacher's noise)."""
+    it = data_lib.make_iterator(pc.PrecomputedSource(self.heldout_dir), self._example,
+                                batch_size=batch_size, seed=self.config.train.eval_seed,
+                                shuffle=False, num_epochs=1, shard_index=jax.process_index(),
+                                shard_count=jax.process_count(), read_threads=1, prefetch=1)
+    batches = list(it)
+    n = self.config.ode.eval_batches
+    return batches[:n] if n else batches
