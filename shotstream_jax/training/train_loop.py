@@ -18,6 +18,8 @@ the `TrainState` pytree (params, opt_state, step, rng) checkpointed with the dat
 automatic resume, non-finite guards, jsonl + TensorBoard metrics and a progress bar.
 Stages with another update rule (DMD: generator every N steps) can pass their own
 `stage.train_step(tx) -> step(state, batch) -> (state, metrics)`; the guard and the rest apply.
+Stages with frozen networks or their own param labels (DMD: teacher, LoRA bases) can pass
+`stage.optimizer() -> optax.GradientTransformation` in place of `make_optimizer`.
 """
 
 import importlib
@@ -232,7 +234,8 @@ def train(config, workdir: str, *, stage=None,
                      'processes')
   local_batch = global_batch // jax.process_count()
 
-  tx = make_optimizer(config.optim, stage.networks)
+  make_tx = getattr(stage, 'optimizer', None)
+  tx = make_tx() if make_tx else make_optimizer(config.optim, stage.networks)
   shapes, shardings = state_shardings(stage, tx, mesh, rules)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        keep=tc.keep_checkpoints, interval=tc.checkpoint_every)

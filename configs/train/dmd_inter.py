@@ -1,0 +1,21 @@
+"""Stage 4, inter-shot DMD with self-generated history: `get_config('tiny' | 'wan_1_3b')`.
+
+  python launch/train.py --config=configs/train/dmd_inter.py:tiny --workdir=out/dmd_inter_tiny
+
+As stage 3 (configs/train/dmd_intra.py) but every shot of a story is rolled out in order, later
+shots conditioned on the decoded and re-encoded earlier outputs (needs the VAE: StoryWorld's
+random one, or `--config.dmd.vae_path=Wan2.1_VAE.pth` for precomputed data). `wan_1_3b` follows
+the reference: LoRA rank 256, alpha 256 on every Linear of every block of generator and critic
+(`--config.dmd.generator_init` = the stage-3 generator, `dmd.critic_init` = its critic).
+"""
+
+import ml_collections
+
+from configs.train import dmd_intra
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  preset = (arg or 'tiny').strip()
+  c = dmd_intra.dmd_config(preset, 'dmd_inter')
+  c.lora.enabled = preset != 'tiny'
+  return c

@@ -1,0 +1,431 @@
+"""Stages 3 and 4: two-stage DMD of the causal student (DESIGN 4.5.3-4).
+
+Networks (the `TrainState` params):
+  generator   the causal student; trained (or, with LoRA, a frozen base for 'generator_lora')
+  critic      the fake score, initialised from the teacher; trained every step (or via
+              'critic_lora')
+  teacher     the real score, frozen: `cond + g (cond - uncond)`, uncond = the precomputed
+              negative-prompt embedding (`dmd.negative`) or a zero embedding
+  vae         stage 4 only, frozen: decodes earlier shots, re-encodes their context frames
+
+Stage 3 ('dmd_intra'): one target shot per example with its ground-truth context (as the
+teacher's examples); the generator rolls the shot out chunk by chunk (rollout.rollout_shot) and
+stops every chunk at one exit step drawn per iteration. Stage 4 ('dmd_inter'): the first
+`dmd.num_shots` shots of a story are rolled out in order; each later shot's context comes from
+the decoded and re-encoded outputs of this rollout (rollout.history_context), and the losses
+cover every shot (stories with fewer shots are masked).
+
+Every step: the critic's flow loss on stop_gradient generator samples. Every
+`dmd.generator_every` steps (state.step % N == 0, as the reference's
+`step % dfake_gen_update_ratio == 0`): the generator's DMD loss, whose rollout also provides
+the critic's samples that step. On other steps the generator only samples (no backward pass,
+`lax.cond`), and its params AND AdamW state are left untouched: the reference calls
+`generator_optimizer.step()` only on generator steps, so moments do not decay, the weight decay
+is not applied and the bias-correction count counts generator updates only.
+
+LoRA (`lora.enabled`): adapters 'generator_lora' / 'critic_lora' (models/lora.py layout) are
+the trainable params; the bases stay frozen and every forward uses `lora.merge(base, adapter)`.
+`optim.generator` / `optim.critic` then apply to the adapters (their `trainable` regex searches
+adapter paths like 'blocks/self_attn/q/lora_a'). At the end, `merged_params(config, params)`
+gives plain DiT params (base + adapters) and `export_merged(config, params)` the Wan/ShotStream
+state dict of the generator.
+"""
+
+import functools
+import os
+import re
+from typing import Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from shotstream_jax.data import precompute as pc
+from shotstream_jax.models import dit
+from shotstream_jax.models import lora as lora_lib
+from shotstream_jax.models import random_init
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.sampling import causal
+from shotstream_jax.sampling import teacher as teacher_lib
+from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import losses
+from shotstream_jax.training import rollout
+from shotstream_jax.training import sharding as sharding_lib
+from shotstream_jax.training import teacher_stage
+from shotstream_jax.training import train_loop
+
+sg = jax.lax.stop_gradient
+DMD_STAGES = ('dmd_intra', 'dmd_inter')
+NEGATIVES = ('auto', 'precomputed', 'zeros')
+ROLES = ('generator', 'critic')
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def shot_example(record, rng, *, context_frames: int, target_frames: int, target_shot: str,
+                 latent_hw):
+  """Stage 3: one target shot's ground-truth context and caption table (no target latents)."""
+  ex = teacher_stage.make_example(record, rng, context_frames=context_frames,
+                                  target_frames=target_frames, target_shot=target_shot)
+  c = context_frames
+  if tuple(ex['latents'].shape[1:3]) != tuple(latent_hw):
+    raise ValueError(f'sampling.height/width: latent size {tuple(latent_hw)} does not match the '
+                     f'data latents {tuple(ex["latents"].shape[1:3])}')
+  return {'ctx_latents': ex['latents'][:c], 'ctx_shot': ex['frame_shot'][:c],
+          'ctx_caption': ex['frame_caption'][:c], 'gen_shot': ex['frame_shot'][c],
+          'gen_caption': ex['frame_caption'][c], 'text': ex['text']}
+
+
+def story_example(record, rng, *, num_shots: int):
+  """Stage 4: the prompt embeddings of the first `num_shots` shots; missing shots are masked."""
+  del rng
+  text = np.asarray(record['text'], np.float32)
+  s = min(len(text), num_shots)
+  out = np.zeros((num_shots,) + text.shape[1:], np.float32)
+  out[:s] = text[:s]
+  return {'text': out, 'shot_mask': (np.arange(num_shots) < s).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------- LoRA export
+
+
+def _lora_cfg(config):
+  return lora_lib.as_config(config.lora)
+
+
+def merged_params(config, params, role: str = 'generator'):
+  """Plain DiT params of `role` ('generator' or 'critic'): base + adapters when LoRA is on."""
+  if not config.lora.enabled:
+    return params[role]
+  return lora_lib.merge(params[role], params[f'{role}_lora'], _lora_cfg(config))
+
+
+def export_merged(config, params) -> Dict[str, np.ndarray]:
+  """The generator as a Wan/ShotStream state dict (`model.<name>` -> float32 numpy), merged."""
+  if not config.lora.enabled:
+    from shotstream_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
+    return {'model.' + k: v for k, v in
+            dit_convert.dit_to_torch(params['generator'], config.model).items()}
+  return lora_lib.export_merged(params['generator'], params['generator_lora'],
+                                _lora_cfg(config), config.model)
+
+
+def lora_boxed_shapes(boxed, cfg):
+  """Adapter shapes boxed like their kernels: lora_a keeps the input axis names, lora_b the
+  output's, the rank axis is unsharded (so FSDP / tensor parallelism apply to adapters too)."""
+  shapes = jax.eval_shape(lambda p: lora_lib.init_lora(p, cfg, jax.random.key(0)),
+                          flax.linen.meta.unbox(boxed))
+
+  def box(path, x):
+    names = tuple(str(getattr(k, 'key', k)) for k in path)
+    node = boxed
+    for n in names[:-1] + ('kernel',):
+      node = node[n]
+    axes = tuple(node.names)
+    axes = axes[:-1] + (None,) if names[-1] == 'lora_a' else axes[:-2] + (None, axes[-1])
+    return flax.linen.Partitioned(x, names=axes)
+  return jax.tree_util.tree_map_with_path(box, shapes)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _tree_where(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+class DmdStage:
+  """Stages 3-4 for train_loop.train (custom `train_step` and `optimizer`)."""
+
+  def __init__(self, config, workdir: str):
+    if config.stage not in DMD_STAGES:
+      raise ValueError(f'stage: DmdStage needs one of {", ".join(DMD_STAGES)}, got '
+                       f'{config.stage!r}')
+    self.config = config
+    self.inter = config.stage == 'dmd_inter'
+    d = config.dmd
+    if d.generator_every < 1:
+      raise ValueError(f'dmd.generator_every: must be an integer >= 1, got {d.generator_every}')
+    if not 0 <= d.min_timestep < d.max_timestep <= config.sampling.num_train_timesteps:
+      raise ValueError(f'dmd.min_timestep/max_timestep: need 0 <= min < max <= '
+                       f'{config.sampling.num_train_timesteps}, got {d.min_timestep}, '
+                       f'{d.max_timestep}')
+    if d.negative not in NEGATIVES:
+      raise ValueError(f'dmd.negative: unknown {d.negative!r}; accepted: {", ".join(NEGATIVES)}')
+    if self.inter and d.num_shots < 1:
+      raise ValueError(f'dmd.num_shots: must be >= 1, got {d.num_shots}')
+    for role in ROLES:
+      if role not in config.optim:
+        raise ValueError(f'optim.{role}: missing; DMD needs optim.generator and optim.critic')
+    self.lora = _lora_cfg(config) if config.lora.enabled else None
+    self.trained = {(f'{r}_lora' if self.lora else r): r for r in ROLES}   # net -> role
+    self.gen_net, self.critic_net = list(self.trained)
+    self.networks = ('generator', 'critic', 'teacher') + tuple(
+        n for n in self.trained if self.lora) + (('vae',) if self.inter else ())
+
+    m, s = config.model, config.sampling
+    self.vae = vae_lib.WanVAE(config.vae)
+    factor = vae_lib.spatial_factor(config.vae)
+    self.latent_hw = (s.height // factor, s.width // factor)
+    self.sampler = causal.CausalSampler(m, s, self.latent_hw)
+    self.score_cfg = losses.ScoreConfig(
+        num_train_timesteps=s.num_train_timesteps, shift=s.shift,
+        min_timestep=float(d.min_timestep), max_timestep=float(d.max_timestep),
+        real_guidance=float(d.real_guidance))
+    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
+    self._random_init = None
+    self.uncond_text = jnp.asarray(self._negative())[None]      # [1, L, text_dim]
+    if self.inter:
+      self._example = functools.partial(story_example, num_shots=d.num_shots)
+    else:
+      self._example = functools.partial(
+          shot_example, context_frames=m.context_frames, target_frames=s.shot_latent_frames,
+          target_shot=d.target_shot, latent_hw=self.latent_hw)
+
+  # ------------------------------------------------------------------ setup
+
+  def _negative(self) -> np.ndarray:
+    mode, m = self.config.dmd.negative, self.config.model
+    have = os.path.exists(os.path.join(self.train_dir, pc.NEGATIVE_FILE))
+    if mode == 'precomputed' and not have:
+      raise ValueError(f'dmd.negative: precomputed, but {self.train_dir} has no '
+                       f'{pc.NEGATIVE_FILE}; use auto or zeros')
+    if mode == 'zeros' or not have:
+      return np.zeros((m.text_len, m.text_dim), np.float32)
+    return pc.PrecomputedSource(self.train_dir).negative().astype(np.float32)
+
+  def boxed_shapes(self):
+    dit_boxed = sharding_lib.dit_boxed_shapes(self.config.model)
+    out = {n: dit_boxed for n in ('generator', 'critic', 'teacher')}
+    if self.lora:
+      adapters = lora_boxed_shapes(dit_boxed, self.lora)
+      out.update({n: adapters for n in self.trained})
+    if self.inter:
+      out['vae'] = vae_lib.param_shapes(self.vae)    # unboxed: replicated
+    return out
+
+  def init_params(self, key, shardings):
+    """Teacher from `dmd.teacher_init`; critic and generator from their own paths or, when
+    '' (critic: always in the reference), the teacher's weights. '' everywhere = random init
+    (the same draw for all three). Fresh LoRA adapters leave the forward unchanged."""
+    d = self.config.dmd
+    k_dit, k_gen, k_critic = jax.random.split(key, 3)
+    teacher = (d.teacher_init, 'teacher', 'dmd.teacher_init')
+    source = {'teacher': teacher,
+              'critic': (d.critic_init, 'critic', 'dmd.critic_init') if d.critic_init else teacher,
+              'generator': ((d.generator_init, 'generator', 'dmd.generator_init')
+                            if d.generator_init else teacher)}
+    out = {n: self._load_dit(*source[n], key=k_dit, sharding=shardings[n]) for n in source}
+    if self.lora:
+      for net, k in zip(self.trained, (k_gen, k_critic)):
+        init = jax.jit(lambda p, k: lora_lib.init_lora(p, self.lora, k),
+                       out_shardings=shardings[net])
+        out[net] = init(out[self.trained[net]], k)
+    if self.inter:
+      out['vae'] = jax.device_put(self._vae_params(), shardings['vae'])
+    return out
+
+  def _load_dit(self, path, network, field, *, key, sharding):
+    """params[network] of a workdir of ours, an orbax dir or a Wan file; '' = random init."""
+    if not path:    # one compiled init for all networks (their shardings are the same)
+      if self._random_init is None:
+        self._random_init = jax.jit(lambda k: dit.init_params(self.config.model, k),
+                                    out_shardings=sharding)
+      return self._random_init(key)
+    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+    return init_lib.load_network_params(path, network, self.config.model, sharding=sharding,
+                                        field=field)
+
+  def _vae_params(self):
+    """The VAE that encoded the data: StoryWorld's random weights (data.encoder_seed, as
+    training/data.py) or `dmd.vae_path` (Wan2.1_VAE.pth or our orbax dir) for real data."""
+    cfg = self.config
+    if cfg.data.source == 'storyworld':
+      return random_init.random_params(vae_lib.param_shapes(self.vae), cfg.data.encoder_seed)
+    path = cfg.dmd.vae_path
+    if not path:
+      raise ValueError('dmd.vae_path: required for dmd_inter on precomputed data (the VAE that '
+                       'encoded it, e.g. Wan2.1_VAE.pth)')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'dmd.vae_path: {path} does not exist')
+    if os.path.isdir(path):
+      from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+      return checkpoints.restore_params(path)
+    from shotstream_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
+    return convert_vae.load_vae(path, cfg.vae)
+
+  def param_labels(self, params):
+    """Per-leaf optimizer label: a trained network's name where `optim.<role>.trainable`
+    matches, else frozen (teacher, vae, LoRA bases)."""
+    def label(path, _):
+      net = str(getattr(path[0], 'key', path[0]))
+      role = self.trained.get(net)
+      if role is None:
+        return train_loop.FROZEN
+      pattern = self.config.optim[role].trainable
+      name = '/'.join(str(getattr(p, 'key', p)) for p in path[1:])
+      return net if not pattern or re.search(pattern, name) else train_loop.FROZEN
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """AdamW per trained network with its own clipping (optim.generator / optim.critic)."""
+    transforms = {net: train_loop.network_optimizer(self.config.optim[role])
+                  for net, role in self.trained.items()}
+    transforms[train_loop.FROZEN] = optax.set_to_zero()
+    return optax.multi_transform(transforms, self.param_labels)
+
+  # ------------------------------------------------------------------ rollouts
+
+  def _with(self, params, net, value):
+    return dict(params, **{net: value})
+
+  def _plan(self, gen_params, ctx_latents, ctx_shot, ctx_caption, gen_shot, gen_caption, rows):
+    """ShotPlan of a batch whose examples have their own caption tables rows [B, R, L, d]:
+    the tables are stacked into one [B R, L, d] and each example's rows offset by R b."""
+    b, r = rows.shape[:2]
+    off = r * jnp.arange(b, dtype=jnp.int32)
+    table = rows.reshape((b * r,) + rows.shape[2:])
+    text_kv = sg(dit.WanTextKV(self.config.model).apply({'params': sg(gen_params)}, table))
+    plan = causal.ShotPlan(sg(ctx_latents), ctx_shot, ctx_caption + off[:, None], gen_shot,
+                           gen_caption + off, text_kv)
+    return plan, table
+
+  def _exit_steps(self, key, count: int):
+    n = len(self.config.sampling.denoising_steps)
+    return [rollout.draw_exit_step(jax.random.fold_in(key, i), n) for i in range(count)]
+
+  def _rollout(self, gen_params, batch, key, vae_params):
+    """[(latents [B, F, ...], FrameConcat, caption table, mask [B])] per rolled-out shot."""
+    k_exit, k_roll = jax.random.split(key)
+    if not self.inter:
+      plan, table = self._plan(gen_params, batch['ctx_latents'], batch['ctx_shot'],
+                               batch['ctx_caption'], batch['gen_shot'], batch['gen_caption'],
+                               batch['text'])
+      roll = rollout.rollout_shot(self.sampler, gen_params, plan, k_roll,
+                                  self._exit_steps(k_exit, 1)[0])
+      ones = jnp.ones(plan.gen_shot.shape, jnp.float32)
+      return [(roll.latents, rollout.frameconcat(plan, roll.latents.shape[1]), table, ones)]
+    # Stage 4, as rollout.rollout_story but with per-example caption tables. Every shot has
+    # the same length, so the context choice is the same for the whole batch.
+    m = self.config.model
+    text, mask = batch['text'], batch['shot_mask']
+    b, num_shots = text.shape[:2]
+    exits = self._exit_steps(k_exit, num_shots)
+    rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
+    decoded, shots = [], []
+    for s in range(num_shots):
+      ctx, choice = rollout.history_context(self.vae, vae_params, decoded, m.context_frames,
+                                            (b,) + self.latent_hw + (m.in_channels,))
+      plan, table = self._plan(gen_params, ctx, rep(choice.ctx_shot), rep(choice.ctx_caption),
+                               rep(choice.gen_shot), rep(choice.gen_caption),
+                               text[:, np.asarray(choice.caption_shots)])
+      roll = rollout.rollout_shot(self.sampler, gen_params, plan, jax.random.fold_in(k_roll, s),
+                                  exits[s])
+      shots.append((roll.latents, rollout.frameconcat(plan, roll.latents.shape[1]), table,
+                    mask[:, s]))
+      if s + 1 < num_shots:
+        decoded.append(sg(vae_lib.decode(self.vae, vae_params, sg(roll.latents))))
+    return shots
+
+  # ------------------------------------------------------------------ losses
+
+  @staticmethod
+  def _frames_mask(mask, x):
+    return jnp.broadcast_to(mask[:, None], x.shape[:2])
+
+  def _generator_loss(self, train_p, params, batch, key):
+    """(DMD loss over all rolled-out shots, (sg samples, metrics))."""
+    p = self._with(params, self.gen_net, train_p)
+    k_roll, k_score = jax.random.split(key)
+    shots = self._rollout(merged_params(self.config, p), batch, k_roll, params.get('vae'))
+    teacher, critic = sg(params['teacher']), sg(merged_params(self.config, params, 'critic'))
+    total, weight = 0.0, 0.0
+    for s, (x, cond, table, mask) in enumerate(shots):
+      loss, aux = losses.generator_dmd_loss(
+          self.config.model, x, teacher, critic, cond, table, self.uncond_text,
+          jax.random.fold_in(k_score, s), self.score_cfg, mask=self._frames_mask(mask, x))
+      n = jnp.sum(mask)
+      total, weight = total + n * loss, weight + n
+    loss = total / jnp.maximum(weight, 1.0)
+    return loss, (sg(shots), {'dmd_loss': loss, 'dmd_grad_abs_mean': aux['dmd_grad_abs_mean']})
+
+  def _critic_loss(self, train_p, params, shots, key):
+    """Flow loss of the critic on the generator's samples (masked mean over shots)."""
+    critic = merged_params(self.config, self._with(params, self.critic_net, train_p), 'critic')
+    total, weight = 0.0, 0.0
+    for s, (x, cond, table, mask) in enumerate(shots):
+      k_t, k_n = jax.random.split(jax.random.fold_in(key, s))
+      t = losses.score_timesteps(k_t, x.shape[0], self.score_cfg)
+      noise = jax.random.normal(k_n, x.shape, x.dtype)
+      x_t = losses.add_noise(x, noise, t / 1000.0)
+      v = teacher_lib.frameconcat_velocity(self.config.model, critic, cond, x_t, t, table)
+      err = losses.masked_mean((v - losses.flow_target(x, noise)) ** 2,
+                               self._frames_mask(mask, x))
+      n = jnp.sum(mask)
+      total, weight = total + n * err, weight + n
+    loss = total / jnp.maximum(weight, 1.0)
+    return loss, {'critic_loss': loss}
+
+  # ------------------------------------------------------------------ step
+
+  def train_step(self, tx):
+    """step(state, batch): critic every step, generator every `dmd.generator_every` steps."""
+    every = self.config.dmd.generator_every
+    gen_net, critic_net = self.gen_net, self.critic_net
+
+    def step(state, batch):
+      key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
+      k_gen, k_critic = jax.random.split(sub)
+      params = state.params
+      is_gen = state.step % every == 0
+
+      def generator_branch(_):
+        (loss, (shots, aux)), grads = jax.value_and_grad(
+            self._generator_loss, has_aux=True)(params[gen_net], params, batch, k_gen)
+        return grads, shots, dict(aux, generator_loss=loss)
+
+      def sample_branch(_):
+        gen = sg(merged_params(self.config, params))
+        k_roll, _ = jax.random.split(k_gen)
+        shots = sg(self._rollout(gen, batch, k_roll, params.get('vae')))
+        zero = jnp.zeros((), jnp.float32)
+        return (jax.tree.map(jnp.zeros_like, params[gen_net]), shots,
+                {'dmd_loss': zero, 'dmd_grad_abs_mean': zero, 'generator_loss': zero})
+
+      g_grads, shots, metrics = jax.lax.cond(is_gen, generator_branch, sample_branch, None)
+      (c_loss, c_aux), c_grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
+          params[critic_net], params, shots, k_critic)
+      grads = {n: (g_grads if n == gen_net else c_grads if n == critic_net else
+                   jax.tree.map(jnp.zeros_like, v)) for n, v in params.items()}
+      updates, opt_state = tx.update(grads, state.opt_state, params)
+      new = optax.apply_updates(params, updates)
+      # Skipped generator steps: params and AdamW state exactly as before.
+      new[gen_net] = _tree_where(is_gen, new[gen_net], params[gen_net])
+      inner = dict(opt_state.inner_states)
+      inner[gen_net] = _tree_where(is_gen, inner[gen_net], state.opt_state.inner_states[gen_net])
+      opt_state = opt_state._replace(inner_states=inner)
+      metrics = dict(metrics, **c_aux, loss=c_loss + metrics['generator_loss'],
+                     generator_step=is_gen.astype(jnp.float32))
+      metrics[f'grad_norm/{gen_net}'] = optax.tree.norm(g_grads)
+      metrics[f'grad_norm/{critic_net}'] = optax.tree.norm(c_grads)
+      return state.replace(params=new, opt_state=opt_state,
+                           rng=jax.random.key_data(key)), metrics
+    return step
+
+  # ------------------------------------------------------------------ data
+
+  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
+    d = self.config.data
+    return data_lib.make_iterator(
+        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
+        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
+        read_threads=d.read_threads, prefetch=d.prefetch)
+
+  def eval_batches(self, batch_size: int):
+    """No held-out loss: DMD losses do not measure quality (evaluate samples with the judges)."""
+    del batch_size
+    return []
+
