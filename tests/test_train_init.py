@@ -1,4 +1,5 @@
-"""training/init.py: a network's params from a training workdir, a step dir or an orbax dir."""
+"""training/init.py: a network's params from a training workdir, a step dir, an orbax dir or a
+Wan-layout safetensors file; stage 1 initialised from a workdir through it."""
 
 import os
 import sys
@@ -6,10 +7,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 from configs import shotstream
 from shotstream_jax import checkpoints
+from shotstream_jax.convert import dit as convert_dit
 from shotstream_jax.training import init
+from shotstream_jax.training import sharding
+from shotstream_jax.training import teacher_stage
 from shotstream_jax.training import train_loop
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -33,6 +38,18 @@ def test_load_from_workdir_step_dir_and_orbax_dir(tmp_path_factory, tmp_path):
                                          c.model), want)
   with pytest.raises(ValueError, match=r"init_from: .* no network 'generator'"):
     init.load_network_params(workdir, 'generator', c.model)
+
+  # Stage 1 resumed from its own workdir through teacher.init_from.
+  stage = teacher_stage.TeacherStage(c, str(tmp_path / 'again'))
+  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
+                                     sharding.logical_rules(c))
+  c.teacher.init_from = workdir
+  _assert_equal(stage.init_params(jax.random.key(0), sh.params)['teacher'], want)
+
+  st_file = str(tmp_path / 'diffusion_pytorch_model.safetensors')
+  safetensors_numpy.save_file(convert_dit.dit_to_torch(want, c.model), st_file)
+  _assert_equal(init.load_network_params(st_file, 'any', c.model), want)
 
   orbax_dir = checkpoints.save_params(str(tmp_path / 'params'), want)
   _assert_equal(init.load_network_params(orbax_dir, 'teacher', c.model), want)

@@ -38,7 +38,7 @@ def ode_config(data_dir, **overrides):
   c.train.tensorboard = False
   c.train.eval_every = 0
   c.train.log_every = 1
-  c.ode.num_steps, c.ode.save_steps, c.ode.exact_steps = 8, (0, 2, 4, 6), False
+  c.ode.num_steps, c.ode.save_steps, c.ode.exact_steps = 4, (0, 1, 2, 3), False
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
@@ -102,14 +102,14 @@ def test_ode_loss_falls_on_a_fixed_batch(data_dir, tmp_path):
                                 rng=jax.random.key_data(jax.random.key(1)))
   batch = jax.tree.map(jnp.asarray, next(stage.train_iterator(0, 1, 2)))
   step = jax.jit(train_loop.guarded(train_loop.default_train_step(stage.loss, tx)))
-  probe = jax.jit(lambda p: stage.eval_metrics(p, batch, jax.random.key(7))['loss'])
-  before = float(probe(state.params))
-  for _ in range(25):
-    state, m = step(state, batch)
-    assert np.isfinite(float(m['loss']))
-  after = float(probe(state.params))
-  print('ODE loss on a fixed batch and key:', before, '->', after)
-  assert before > 0 and after < 0.7 * before, (before, after)
+  key = state.rng
+  losses = []
+  for _ in range(16):   # the same key every step: 'loss' is the fixed probe before the update
+    state, m = step(state.replace(rng=key), batch)
+    losses.append(float(m['loss']))
+  assert np.all(np.isfinite(losses))
+  print('ODE loss on a fixed batch and key:', np.round(losses, 4))
+  assert losses[0] > 0 and np.mean(losses[-4:]) < 0.6 * losses[0], losses
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -117,7 +117,7 @@ def test_ode_loss_falls_on_a_fixed_batch(data_dir, tmp_path):
                              r'model.chunk_frames \(3\), got 4'),
     ('optim.teacher.trainable', '', r"optim.teacher.trainable: must match no param .*got ''"),
     ('ode.exact_steps', True, r"ode.save_steps: timesteps .* are not the student's"),
-    ('ode.save_steps', (0, 9), r'ode.save_steps: must be increasing and in \[0, 8\)'),
+    ('ode.save_steps', (0, 5), r'ode.save_steps: must be increasing and in \[0, 4\)'),
     ('ode.num_steps', 0, r'ode.num_steps: must be >= 1, got 0'),
     ('ode.init_network', 'critic', r"ode.init_network: unknown 'critic'"),
 ])

@@ -19,7 +19,6 @@ Which params train is `optim.teacher.trainable` (the reference: 'self_attn').
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from shotstream_jax.data import precompute as pc
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
 from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import sharding as sharding_lib
 
 TARGET_SHOT = ('random', 'last')
@@ -153,21 +153,15 @@ class TeacherStage:
     return {'teacher': sharding_lib.dit_boxed_shapes(self.config.model)}
 
   def init_params(self, key, shardings):
-    """Random init (Wan's initializers) or `teacher.init_from` (a Wan/ShotStream file or orbax dir)."""
+    """Random init (Wan's initializers) or `teacher.init_from` (any format of training/init.py)."""
     path = self.config.teacher.init_from
     if not path:
       init = jax.jit(lambda k: dit.init_params(self.config.model, k),
                      out_shardings=shardings['teacher'])
       return {'teacher': init(key)}
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'teacher.init_from: {path} does not exist')
-    if os.path.isdir(path):
-      from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
-      params = checkpoints.restore_params(path)
-    else:
-      from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
-      params = convert_dit.load_dit(path, self.config.model)
-    return {'teacher': jax.device_put(params, shardings['teacher'])}
+    return {'teacher': init_lib.load_network_params(
+        path, 'teacher', self.config.model, sharding=shardings['teacher'],
+        field='teacher.init_from')}
 
   def loss(self, params, batch, key):
     tc = self.config.teacher
