@@ -8,8 +8,9 @@ Wan/ShotStream file; '' = random) and the frozen teacher is the same weights unl
 `ode.teacher_from` says otherwise. `wan_1_3b` follows the reference (DESIGN 4.5.2): teacher
 pairs from 50 Euler steps with CFG 6 and the negative prompt, saved at steps 0/13/25/37 (the
 warped student timesteps) + x0; AdamW lr 1e-6, betas (0, 0.999), wd 0.01, clip 1, all params.
-`tiny` trains the 2-layer DiT on StoryWorld with a large lr and the same 50-step sampler (it is
-cheap at that size), so its loss visibly falls within a few dozen steps on CPU.
+`tiny` trains the 2-layer DiT on StoryWorld with a large lr and the same 50-step sampler (cheap
+at that size). Start it from a stage-1 run (`--config.ode.init_from=out/teacher_tiny`): Wan's
+initializers zero the output head, so a random-init teacher predicts v = 0 and the loss is 0.
 """
 
 import ml_collections

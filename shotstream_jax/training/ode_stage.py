@@ -4,11 +4,11 @@ Networks: 'generator' (the causal student, trained) and 'teacher' (frozen). The 
 network of the train state so that the loop shards and checkpoints it like any other, but its
 optimizer section must train nothing (`optim.teacher.trainable` = FROZEN_REGEX): its params get
 the loop's `set_to_zero` transform, which holds no optimizer state, and the loss reads them
-through stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from` ('' = random, tests
-only; training/init.py lists the accepted formats); the
-teacher from `ode.teacher_from` ('' = a copy of the generator's initial weights -- with
-init_from set to a stage-1 run that is exactly the reference's "student initialised from the
-teacher").
+through stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from`
+('' = random, tests only; training/init.py lists the accepted formats); the teacher from
+`ode.teacher_from` ('' = a copy of the generator's initial weights: with init_from a stage-1 run
+that is the reference's "student initialised from the teacher"; from Wan's random init the
+output head is zero, so v = 0 and the loss is trivially 0).
 
 One example is one target shot's conditioning, from the same precomputed shards and with the
 same layout as stage 1 (teacher_stage.make_example): C clean context latents with their RoPE
