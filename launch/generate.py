@@ -40,8 +40,10 @@ _PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/harbour.json',
                                 'Story JSON or testset CSV.')
 _OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-_CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors or orbax dir); '
-                            'absent: random weights of the preset.')
+_CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors, orbax dir, or a '
+                            'training --workdir: its generator); absent: random weights of the '
+                            'preset. At `tiny`, --ckpt alone runs it with the embedded VAE and '
+                            'text encoder (those tiny StoryWorld training encodes with).')
 _VAE = flags.DEFINE_string('vae', None, 'VAE weights (Wan2.1_VAE.pth or orbax dir).')
 _TEXT = flags.DEFINE_string('text_encoder', None, 'umT5 weights (.pth or orbax dir).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'google/umt5-xxl tokenizer folder.')
@@ -57,6 +59,10 @@ def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=Non
           'default model); the video is noise-like by design', file=sys.stderr)
     return pipeline_lib.ShotStreamPipeline.from_random(config, config.seed)
   missing = [k for k, v in given.items() if not v]
+  if ckpt and len(missing) == 3 and config.preset == 'tiny':
+    print(f'note: --ckpt alone: the embedded VAE and text encoder of the tiny preset (seed '
+          f'{config.seed}), as tiny StoryWorld training encodes with', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.with_embedded_encoders(config, ckpt, config.seed)
   if missing:
     raise ValueError(f'{missing[0]}: required with --ckpt (also needed: {", ".join(missing)})')
   return pipeline_lib.ShotStreamPipeline.load(config, ckpt, vae, text_encoder, tokenizer)

@@ -71,6 +71,15 @@ class ShotStats:
   chunk_s: Sequence[float] = ()  # per chunk: denoise + cache pass (no decode)
 
 
+def load_dit_params(config, path: str):
+  """DiT params for generation from a Wan / ShotStream / diffusers file, our orbax params
+  directory, or a training workdir / checkpoint step of ours (its 'generator' network)."""
+  from shotstream_jax.training import init  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise ValueError('--ckpt: a checkpoint path is required')
+  return init.load_network_params(path, 'generator', config.model, field='--ckpt')
+
+
 class ShotStreamPipeline:
   """DiT, VAE and text-encoder params plus the jitted pieces of streaming generation."""
 
@@ -119,20 +128,29 @@ class ShotStreamPipeline:
     milliseconds, and unlike Wan's zero-initialised head it makes outputs depend on the whole
     network.
     """
-    dit_params = random_init.random_params(dit.param_shapes(config.model), seed)
-    vae_params = random_init.random_params(
-        vae_lib.param_shapes(vae_lib.WanVAE(config.vae)), seed + 1)
-    text_params = random_init.random_params(umt5.param_shapes(config.text), seed + 2)
+    dit_params = random_init.embedded_dit(config.model, seed)
+    vae_params = random_init.embedded_vae(config.vae, seed)
+    text_params = random_init.embedded_text(config.text, seed)
     tokenizer = tokenizer or tokenizer_lib.HashTokenizer(config.text.text_len,
                                                          config.text.vocab_size)
     return cls(config, dit_params, vae_params,
                text_lib.PromptEncoder(text_params, config.text, tokenizer))
 
   @classmethod
+  def with_embedded_encoders(cls, config, dit_path: str, seed: int = 0):
+    """A trained DiT with the embedded (random, `seed`) VAE and text encoder: how a `tiny`
+    student trained on StoryWorld (encoded by those same draws) is meant to be run."""
+    tokenizer = tokenizer_lib.HashTokenizer(config.text.text_len, config.text.vocab_size)
+    return cls(config, load_dit_params(config, dit_path),
+               random_init.embedded_vae(config.vae, seed),
+               text_lib.PromptEncoder(random_init.embedded_text(config.text, seed), config.text,
+                                      tokenizer))
+
+  @classmethod
   def load(cls, config, dit_path: str, vae_path: str, text_path: str, tokenizer_path: str):
-    """Weights from published files (.safetensors / .pt / .pth) or our orbax directories."""
+    """Weights from published files (.safetensors / .pt / .pth) or our orbax directories;
+    the DiT also from a training workdir of ours (its 'generator')."""
     from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
     from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
     from shotstream_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
 
@@ -143,8 +161,7 @@ class ShotStreamPipeline:
         return checkpoints.restore_params(path, shapes)
       return load_file(path)
 
-    dit_params = get(dit_path, lambda p: dit_convert.load_dit(p, config.model),
-                     dit.param_shapes(config.model), '--ckpt')
+    dit_params = load_dit_params(config, dit_path)
     vae_params = get(vae_path, lambda p: vae_convert.load_vae(p, config.vae),
                      vae_lib.param_shapes(vae_lib.WanVAE(config.vae)), '--vae')
     text_params = get(text_path, lambda p: umt5_convert.load_umt5(p, config.text),

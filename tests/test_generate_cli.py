@@ -76,8 +76,8 @@ def test_interactive_stdin(tmp_path):
   assert video_lib.read_video(f'{tmp_path}/live.mp4').shape[0] == 2 * FRAMES_PER_SHOT
 
 
-@pytest.mark.parametrize('case', ['missing', 'bad_json', 'empty_story', 'bad_csv', 'no_vae',
-                                  'resolution'])
+@pytest.mark.parametrize('case', ['missing', 'bad_json', 'empty_story', 'bad_csv', 'no_text',
+                                  'bad_ckpt', 'resolution'])
 def test_bad_input_one_line(tmp_path, story, case):
   bad_json = tmp_path / 'bad.json'
   bad_json.write_text('{"global_caption": "x",\n "shot1": }')
@@ -92,7 +92,10 @@ def test_bad_input_one_line(tmp_path, story, case):
       'bad_json': ([f'--prompts={bad_json}'], 'bad.json:2: invalid JSON'),
       'empty_story': ([f'--prompts={empty}'], 'empty story'),
       'bad_csv': ([f'--prompts={csv}'], 'bad.csv'),
-      'no_vae': ([f'--prompts={story}', f'--ckpt={ckpt}'], '--vae: required with --ckpt'),
+      # --ckpt alone is fine at tiny (embedded encoders); a partial set names what is missing.
+      'no_text': ([f'--prompts={story}', f'--ckpt={ckpt}', f'--vae={ckpt}'],
+                  '--text_encoder: required with --ckpt'),
+      'bad_ckpt': ([f'--prompts={story}', f'--ckpt={ckpt}'], 'cannot read'),
       'resolution': ([f'--prompts={story}', '--config.sampling.height=72'],
                      'sampling.height: must be a positive multiple of 16'),
   }[case]

@@ -55,7 +55,6 @@ from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
-from shotstream_jax.models import umt5
 from shotstream_jax.models import vae as vae_lib
 
 FORMAT_VERSION = 1
@@ -128,8 +127,8 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   else:
     logging.warning('vae: no checkpoint given: RANDOM VAE weights (seed %d); latents are '
                     'meaningless for training a real model', seed)
-    vae_params = random_init.random_params(vae_lib.param_shapes(vae), seed)
-    weights['vae'] = f'random(seed={seed})'
+    vae_params = random_init.embedded_vae(config.vae, seed)
+    weights['vae'] = f'embedded(seed={seed})'
   if text_path:
     text_params = _load_params(text_path, 'text',
                                lambda p: convert_umt5.load_umt5(p, config.text))
@@ -137,8 +136,8 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   else:
     logging.warning('text: no checkpoint given: RANDOM umT5 weights (seed %d); embeddings are '
                     'meaningless for training a real model', seed)
-    text_params = random_init.random_params(umt5.param_shapes(config.text), seed + 1)
-    weights['text'] = f'random(seed={seed})'
+    text_params = random_init.embedded_text(config.text, seed)
+    weights['text'] = f'embedded(seed={seed})'
   return Encoders(vae, vae_params, text_lib.PromptEncoder(text_params, config.text, tok), weights)
 
 

@@ -24,3 +24,24 @@ def random_params(shapes, seed: int):
       x /= np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) >= 4 else s.shape[-2])
     return jnp.asarray(x, s.dtype)
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# The embedded default model's networks, one seed each: DiT `seed`, VAE `seed + 1`, umT5
+# `seed + 2`. Random-encoder data (StoryWorld for `tiny` training, precompute without
+# checkpoints) uses the same draws, so a student trained on it generates through the very VAE and
+# text encoder its latents and captions came from.
+
+
+def embedded_dit(model_cfg, seed: int):
+  from shotstream_jax.models import dit  # pylint: disable=g-import-not-at-top
+  return random_params(dit.param_shapes(model_cfg), seed)
+
+
+def embedded_vae(vae_cfg, seed: int):
+  from shotstream_jax.models import vae  # pylint: disable=g-import-not-at-top
+  return random_params(vae.param_shapes(vae.WanVAE(vae_cfg)), seed + 1)
+
+
+def embedded_text(text_cfg, seed: int):
+  from shotstream_jax.models import umt5  # pylint: disable=g-import-not-at-top
+  return random_params(umt5.param_shapes(text_cfg), seed + 2)

@@ -44,6 +44,10 @@ def _restore_network(step_dir: str, network: str, model_cfg, field: str, shardin
     if network not in nets:
       raise ValueError(f'{field}: checkpoint {step_dir} has no network {network!r}; '
                        f'it holds {nets}')
+    if f'{network}_lora' in nets:   # base alone would silently drop the trained adapters
+      raise ValueError(f'{field}: {network!r} of {step_dir} was trained with LoRA adapters; '
+                       'merge them first: launch/export.py --config=<that run\'s config> '
+                       '--workdir=<run> --out=<new path>, then pass that path')
     shapes = dit.param_shapes(model_cfg)
     if sharding is None:
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -60,7 +64,7 @@ def _restore_network(step_dir: str, network: str, model_cfg, field: str, shardin
   return out['params'][network]
 
 
-def _check_shapes(params, model_cfg, path: str, field: str):
+def check_shapes(params, model_cfg, path: str, field: str):
   want = dit.param_shapes(model_cfg)
   got_s = jax.tree.structure(params)
   if got_s != jax.tree.structure(want):
@@ -102,5 +106,37 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
   else:
     from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
     params = convert_dit.load_dit(path, model_cfg)
-  _check_shapes(params, model_cfg, path, field)
+  check_shapes(params, model_cfg, path, field)
   return jax.device_put(params, sharding) if sharding is not None else params
+
+
+def restore_networks(path: str, networks, field: str = '--workdir') -> dict:
+  """{network: params as saved} from a training workdir or step dir, nothing else read.
+
+  Unlike `load_network_params` the shapes come from the checkpoint itself, so LoRA adapter
+  networks (`generator_lora`, ...) restore too; arrays land on the first local device.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    path = _latest_step_dir(os.path.join(path, CHECKPOINTS))
+  state_dir = os.path.join(path, STATE_ITEM)
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{field}: {path} is not a training workdir (no {CHECKPOINTS}/) '
+                            f'nor a checkpoint step directory (no {STATE_ITEM}/)')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.PyTreeCheckpointer() as ckptr:
+    saved = ckptr.metadata(state_dir)
+    tree = getattr(saved, 'item_metadata', saved)
+    tree = getattr(tree, 'tree', tree)
+    have = tree.get('params', {}) if isinstance(tree, dict) else {}
+    missing = [n for n in networks if n not in have]
+    if missing:
+      raise ValueError(f'{field}: checkpoint {path} has no network(s) {missing}; it holds '
+                       f'{list(have)}')
+    target = {'params': {n: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), have[n]) for n in networks}}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=device),
+                                target)
+    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  return out['params']

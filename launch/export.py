@@ -1,0 +1,70 @@
+r"""Export one network of a training run as plain DiT weights (LoRA merged into its base).
+
+  python launch/export.py --config=configs/train/dmd_inter.py:wan_1_3b --workdir=out/dmd_inter \
+      --out=out/shotstream_merged.safetensors
+  python launch/generate.py --config=configs/shotstream.py:wan_1_3b \
+      --ckpt=out/shotstream_merged.safetensors ...
+
+--out ending in .safetensors writes the ShotStream/Wan layout (`model.<original name>`, float32;
+readable by PyTorch tools and by our importer); any other path becomes an orbax params
+directory (what launch/convert.py writes). The newest complete checkpoint of --workdir is read,
+only the networks needed. --config must be the run's config (model size, LoRA rank / alpha).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/train/dmd_intra.py:tiny',
+                                          'The training run\'s config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s --workdir.')
+_NETWORK = flags.DEFINE_string('network', 'generator',
+                               'Network to export: generator, critic or teacher.')
+_OUT = flags.DEFINE_string('out', None, '.safetensors file, or a new orbax directory.')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def export(config, workdir: str, network: str, out: str) -> str:
+  # pylint: disable=g-import-not-at-top
+  from shotstream_jax import checkpoints
+  from shotstream_jax.convert import dit as dit_convert
+  from shotstream_jax.models import lora as lora_lib
+  from shotstream_jax.training import init
+  if not os.path.exists(workdir):
+    raise FileNotFoundError(f'--workdir: {workdir} does not exist')
+  if os.path.exists(out):
+    raise FileExistsError(f'--out: {out} already exists; choose a new path')
+  lora_cfg = config.get('lora')
+  use_lora = bool(lora_cfg and lora_cfg.enabled and network in ('generator', 'critic'))
+  nets = [network] + ([f'{network}_lora'] if use_lora else [])
+  restored = init.restore_networks(workdir, nets)
+  params = restored[network]
+  if use_lora:
+    params = lora_lib.merge(params, restored[f'{network}_lora'], lora_lib.as_config(lora_cfg))
+  init.check_shapes(params, config.model, workdir, '--config')
+  if out.endswith('.safetensors'):
+    from safetensors import numpy as st_numpy
+    state = {'model.' + k: np.ascontiguousarray(v)
+             for k, v in dit_convert.dit_to_torch(params, config.model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    st_numpy.save_file(state, out)
+    return os.path.abspath(out)
+  return checkpoints.save_params(out, params)
+
+
+def main(argv):
+  del argv
+  path = cli.exit_on_user_error(export, _CONFIG.value, _WORKDIR.value, _NETWORK.value, _OUT.value)
+  print(f'export: {_NETWORK.value} of {_WORKDIR.value} -> {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)
