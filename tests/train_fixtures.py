@@ -14,10 +14,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def tiny_config(data_dir: str, **overrides):
-  """configs/train/teacher.py:tiny on a 24+8-story StoryWorld in `data_dir`, quiet."""
-  from configs.train import teacher  # pylint: disable=g-import-not-at-top
-  c = teacher.get_config('tiny')
+STAGE_CONFIGS = ('teacher', 'ode_init', 'dmd_intra', 'dmd_inter')   # configs/train/<name>.py
+
+
+def tiny_config(data_dir: str, config_name: str = 'teacher', **overrides):
+  """configs/train/<config_name>.py:tiny on a 24+8-story StoryWorld in `data_dir`, quiet;
+  `overrides` are dotted config fields, e.g. {'train.num_steps': 3}."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module(f'configs.train.{config_name}').get_config('tiny')
   c.data.dir = data_dir
   c.data.storyworld.num_train = 24
   c.data.storyworld.num_heldout = 8

@@ -22,6 +22,7 @@ import train_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from shotstream_jax.models import dit  # pylint: disable=g-import-not-at-top,wrong-import-position
 from shotstream_jax.models import random_init  # pylint: disable=wrong-import-position
 from shotstream_jax.training import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from shotstream_jax.training import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from shotstream_jax.training import sharding  # pylint: disable=wrong-import-position
 from shotstream_jax.training import teacher_stage  # pylint: disable=wrong-import-position
 from shotstream_jax.training import train_loop  # pylint: disable=wrong-import-position
@@ -80,6 +81,35 @@ def equivalence(args):
       q_spec=a['q_spec'], q_shard=a['q_shard'], q_shard_single=b['q_shard'])))
 
 
+def stages(args):
+  """A few steps of stages 1-4 in order on the 2x2x2 mesh, each initialised from the last."""
+  out = {}
+  run = lambda name: os.path.join(args['workdir'], name)
+  # Chained as in the reference: each stage starts from the previous one's workdir (a random
+  # Wan init has a zero head, so an unchained student and teacher would both predict 0).
+  chain = {'ode_init': {'ode.init_from': run('teacher')},
+           'dmd_intra': {'dmd.teacher_init': run('teacher'), 'dmd.generator_init': run('ode_init')},
+           'dmd_inter': {'dmd.teacher_init': run('teacher'), 'dmd.generator_init': run('dmd_intra'),
+                         'dmd.critic_init': run('dmd_intra')}}
+  for name in args['stages']:
+    c = train_fixtures.tiny_config(args['data_dir'], name, **{
+        'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'data.batch_size': 4,
+        'train.num_steps': args['steps'], 'train.checkpoint_every': args['steps'],
+        **chain.get(name, {})})
+    state = train_loop.train(c, os.path.join(args['workdir'], name))
+    records = metrics_lib.read_jsonl(os.path.join(args['workdir'], name))
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    sharded = [jax.tree_util.keystr(p) for p, x in leaves
+               if len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated]
+    out[name] = dict(
+        step=int(state.step), networks=sorted(state.params),
+        losses=[r['loss'] for r in records if 'loss' in r],
+        finite=[r['finite'] for r in records if 'finite' in r],
+        params_finite=bool(all(np.all(np.isfinite(np.asarray(x))) for _, x in leaves)),
+        num_sharded=len(sharded), num_params=len(leaves))
+  print(json.dumps(out))
+
+
 def train(args):
   c = train_fixtures.tiny_config(args['data_dir'], **args.get('overrides', {}))
   workdir = args['workdir']
@@ -97,4 +127,4 @@ def train(args):
 
 
 if __name__ == '__main__':
-  {'equivalence': equivalence, 'train': train}[sys.argv[1]](json.loads(sys.argv[2]))
+  {'equivalence': equivalence, 'stages': stages, 'train': train}[sys.argv[1]](json.loads(sys.argv[2]))
