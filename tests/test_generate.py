@@ -1,6 +1,9 @@
 """Streaming generation: cached chunk forward vs the block-causal full forward, scan vs
 per-chunk streaming, one compilation per story, context selection and bad input."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +17,10 @@ from shotstream_jax.models import dit
 from shotstream_jax.sampling import causal
 from shotstream_jax.sampling import schedule
 
+sys.path.insert(0, os.path.dirname(__file__))
+import model_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 ATOL = 3e-5
-
-
-def _random_dit(cfg, seed=0):
-  params = dit.init_params(cfg, jax.random.key(seed))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
 
 
 @pytest.mark.parametrize('earlier_shots', [[], [9, 9]], ids=['first_shot', 'third_shot'])
@@ -34,7 +32,7 @@ def test_cached_chunks_equal_block_causal_forward(earlier_shots):
   cfg.sampling.shot_latent_frames = 9
   cfg.sampling.local_frames = 9
   m = cfg.model
-  params = _random_dit(m)
+  params = model_fixtures.random_dit(m)
   sampler = causal.CausalSampler(m, cfg.sampling, (4, 6))
   choice = context.choose_context(earlier_shots, m.context_frames)
   rng = np.random.default_rng(len(earlier_shots))
@@ -71,7 +69,7 @@ def test_local_window_is_a_ring_buffer():
   cfg.sampling.shot_latent_frames = 9
   cfg.sampling.local_frames = 3
   m = cfg.model
-  params = _random_dit(m, seed=3)
+  params = model_fixtures.random_dit(m, seed=3)
   sampler = causal.CausalSampler(m, cfg.sampling, (4, 6))
   choice = context.choose_context([], m.context_frames)
   rows = jnp.asarray(np.random.default_rng(5).standard_normal((7, 9, m.text_dim)), jnp.float32)

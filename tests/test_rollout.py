@@ -2,6 +2,8 @@
 forward, zero gradient through the history path; stage 4 equals the story session."""
 
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +19,10 @@ from shotstream_jax.sampling import causal
 from shotstream_jax.sampling import schedule
 from shotstream_jax.training import rollout
 
+sys.path.insert(0, os.path.dirname(__file__))
+import model_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 HW = (4, 6)
-
-
-def _random_dit(cfg, seed=0):
-  params = dit.init_params(cfg, jax.random.key(seed))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,7 +30,7 @@ def _setup():
   cfg = shotstream.get_config('tiny')      # 6 latent frames per shot = 2 chunks of 3
   m = cfg.model
   sampler = causal.CausalSampler(m, cfg.sampling, HW)
-  params = _random_dit(m)
+  params = model_fixtures.random_dit(m)
   choice = context.choose_context([9, 9], m.context_frames)
   rng = np.random.default_rng(0)
   rows = jnp.asarray(rng.standard_normal((m.context_frames + 1, 5, m.text_dim)), jnp.float32)

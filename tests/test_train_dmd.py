@@ -27,22 +27,10 @@ def data_dir(tmp_path_factory):
 
 
 def _config(module, data_dir, **overrides):
-  c = module.get_config('tiny')
-  c.data.dir = data_dir
-  c.data.storyworld.num_train = 24
-  c.data.storyworld.num_heldout = 8
-  c.train.progress = False
-  c.train.tensorboard = False
-  c.train.log_every = 1
-  c.train.checkpoint_every = 1000
-  c.train.num_steps = 3
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  stage = module.__name__.rsplit('.', 1)[-1]
+  return train_fixtures.tiny_config(data_dir, stage, **{
+      'train.tensorboard': False, 'train.checkpoint_every': 1000, 'train.num_steps': 3,
+      **overrides})
 
 
 def _train(config, workdir):

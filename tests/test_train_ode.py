@@ -29,23 +29,9 @@ def data_dir(tmp_path_factory):
 
 def ode_config(data_dir, **overrides):
   """ode_init:tiny on the test StoryWorld, with a short (inexact) teacher sampler for speed."""
-  c = ode_init.get_config('tiny')
-  c.data.dir = data_dir
-  c.data.storyworld.num_train = 24
-  c.data.storyworld.num_heldout = 8
-  c.data.batch_size = 2
-  c.train.progress = False
-  c.train.tensorboard = False
-  c.train.eval_every = 0
-  c.train.log_every = 1
-  c.ode.num_steps, c.ode.save_steps, c.ode.exact_steps = 4, (0, 1, 2, 3), False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return train_fixtures.tiny_config(data_dir, 'ode_init', **{
+      'data.batch_size': 2, 'train.tensorboard': False, 'ode.num_steps': 4,
+      'ode.save_steps': (0, 1, 2, 3), 'ode.exact_steps': False, **overrides})
 
 
 def _assert_equal(a, b):

@@ -78,8 +78,14 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
                  num_epochs: Optional[int] = None, drop_remainder: bool = True,
                  shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                  pad: Optional[Callable[[dict], dict]] = None,
-                 transform: Optional[Callable[[dict], Any]] = None) -> grain.MapDataset:
-  """The grain MapDataset: shard -> shuffle per epoch -> repeat -> pad/transform -> batch."""
+                 transform: Optional[Callable[[dict], Any]] = None,
+                 random_transform: Optional[Callable[[dict, Any], Any]] = None
+                 ) -> grain.MapDataset:
+  """The grain MapDataset: shard -> shuffle per epoch -> repeat -> pad/transform -> batch.
+
+  `random_transform(record, rng)` gets a numpy Generator seeded from (seed, position in the
+  stream), so its draws too replay exactly after `set_state`.
+  """
   shard_index, shard_count = host_slice(shard_index, shard_count, 'shard_index/shard_count')
   if batch_size < 1:
     raise ValueError(f'batch_size: need >= 1, got {batch_size}')
@@ -94,6 +100,8 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
     ds = ds.map(pad)
   if transform is not None:
     ds = ds.map(transform)
+  if random_transform is not None:
+    ds = ds.random_map(random_transform, seed=seed)
   return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 

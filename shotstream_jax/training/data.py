@@ -11,9 +11,8 @@ the step (noise, timesteps, dropout) comes from the train state's PRNG key inste
 """
 
 import os
-from typing import Callable, Optional
+from typing import Callable
 
-import grain
 import jax
 
 from shotstream_jax.data import loader as loader_lib
@@ -22,31 +21,37 @@ from shotstream_jax.data import precompute as pc
 SOURCES = ('storyworld', 'precomputed')
 
 
-def make_dataset(source, transform: Callable, *, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: Optional[int] = None,
-                 drop_remainder: bool = True, shard_index: Optional[int] = None,
-                 shard_count: Optional[int] = None) -> grain.MapDataset:
-  """shard -> shuffle per epoch -> repeat -> random transform(record, rng) -> batch."""
-  shard_index, shard_count = loader_lib.host_slice(shard_index, shard_count, 'data shard')
+def make_iterator(source, transform: Callable, *, batch_size: int, read_threads: int = 2,
+                  prefetch: int = 4, **kwargs):
+  """A grain iterator with get_state()/set_state(): shard -> shuffle per epoch -> repeat ->
+  transform(record, rng) -> batch (data/loader.py; `kwargs` are its make_dataset's)."""
   if batch_size < 1:
     raise ValueError(f'data.batch_size: need >= 1 per process, got {batch_size}')
-  if len(source) < shard_count:
-    raise ValueError(f'data: {len(source)} examples, fewer than {shard_count} processes')
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
-  ds = ds.random_map(transform, seed=seed)
-  return ds.batch(batch_size, drop_remainder=drop_remainder)
+  return loader_lib.make_iterator(source, batch_size=batch_size, random_transform=transform,
+                                  read_threads=read_threads, prefetch=prefetch, **kwargs)
 
 
-def make_iterator(source, transform: Callable, *, read_threads: int = 2, prefetch: int = 4,
-                  **kwargs):
-  """A grain iterator with get_state()/set_state() over `make_dataset(...)`."""
-  ds = make_dataset(source, transform, **kwargs)
-  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-  return iter(ds.to_iter_dataset(options))
+def train_iterator(config, train_dir: str, transform: Callable, shard_index: int,
+                   shard_count: int, batch_size: int):
+  """The endless, shuffled, checkpointable training iterator of a stage (config.data)."""
+  d = config.data
+  return make_iterator(pc.PrecomputedSource(train_dir), transform, batch_size=batch_size,
+                       seed=d.seed, shuffle=d.shuffle, shard_index=shard_index,
+                       shard_count=shard_count, read_threads=d.read_threads, prefetch=d.prefetch)
+
+
+def heldout_batches(config, heldout_dir: str, transform: Callable, batch_size: int,
+                    limit: int = 0) -> list:
+  """A fixed list of held-out batches (same examples every evaluation); `limit` 0 = all.
+
+  The per-example randomness (which shot is the target) is seeded by `train.eval_seed`.
+  """
+  it = make_iterator(pc.PrecomputedSource(heldout_dir), transform, batch_size=batch_size,
+                     seed=config.train.eval_seed, shuffle=False, num_epochs=1,
+                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                     read_threads=1, prefetch=1)
+  batches = list(it)
+  return batches[:limit] if limit else batches
 
 
 def prepare(data_cfg, config, workdir: str):
@@ -91,19 +96,19 @@ def _build_storyworld(data_cfg, config, root, dirs):
   # pylint: disable=g-import-not-at-top
   from shotstream_jax import text as text_lib
   from shotstream_jax.data import storyworld_builder
-  from shotstream_jax.models import random_init, tokenizer, umt5
+  from shotstream_jax.models import random_init, tokenizer
   from shotstream_jax.models import vae as vae_lib
   builder = storyworld_builder.StoryWorld(cfg=data_cfg.storyworld,
                                           data_dir=os.path.join(root, 'tfds'))
   builder.download_and_prepare()
   vae = vae_lib.WanVAE(config.vae)
   seed = data_cfg.encoder_seed
-  text_params = random_init.random_params(umt5.param_shapes(config.text), seed + 1)
+  text_params = random_init.embedded_text(config.text, seed)
   tok = tokenizer.HashTokenizer(config.text.text_len, config.text.vocab_size)
   encoders = pc.Encoders(
-      vae, random_init.random_params(vae_lib.param_shapes(vae), seed),
+      vae, random_init.embedded_vae(config.vae, seed),
       text_lib.PromptEncoder(text_params, config.text, tok),
-      {'vae': f'random(seed={seed})', 'text': f'random(seed={seed + 1})', 'tokenizer': 'hash'})
+      {'vae': f'embedded(seed={seed})', 'text': f'embedded(seed={seed})', 'tokenizer': 'hash'})
   sources = builder.as_data_source()
   for split, out in zip(('train', 'heldout'), dirs):
     pc.precompute(sources[split], out, encoders, context_frames=config.model.context_frames,

@@ -244,7 +244,7 @@ class DmdStage:
     training/data.py) or `dmd.vae_path` (Wan2.1_VAE.pth or our orbax dir) for real data."""
     cfg = self.config
     if cfg.data.source == 'storyworld':
-      return random_init.random_params(vae_lib.param_shapes(self.vae), cfg.data.encoder_seed)
+      return random_init.embedded_vae(cfg.vae, cfg.data.encoder_seed)
     path = cfg.dmd.vae_path
     if not path:
       raise ValueError('dmd.vae_path: required for dmd_inter on precomputed data (the VAE that '
@@ -418,11 +418,8 @@ class DmdStage:
   # ------------------------------------------------------------------ data
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    d = self.config.data
-    return data_lib.make_iterator(
-        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
-        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
-        read_threads=d.read_threads, prefetch=d.prefetch)
+    return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
+                                   shard_count, batch_size)
 
   def eval_batches(self, batch_size: int):
     """No held-out loss: DMD losses do not measure quality (evaluate samples with the judges)."""

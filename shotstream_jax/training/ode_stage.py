@@ -183,18 +183,10 @@ class OdeInitStage:
     return {'loss': loss, 'teacher_x0_std': aux['teacher_x0_std']}
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    d = self.config.data
-    return data_lib.make_iterator(
-        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
-        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
-        read_threads=d.read_threads, prefetch=d.prefetch)
+    return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
+                                   shard_count, batch_size)
 
   def eval_batches(self, batch_size: int):
     """Held-out batches, a fixed list (same shots; the eval key fixes the teacher's noise)."""
-    it = data_lib.make_iterator(pc.PrecomputedSource(self.heldout_dir), self._example,
-                                batch_size=batch_size, seed=self.config.train.eval_seed,
-                                shuffle=False, num_epochs=1, shard_index=jax.process_index(),
-                                shard_count=jax.process_count(), read_threads=1, prefetch=1)
-    batches = list(it)
-    n = self.config.ode.eval_batches
-    return batches[:n] if n else batches
+    return data_lib.heldout_batches(self.config, self.heldout_dir, self._example, batch_size,
+                                    self.config.ode.eval_batches)

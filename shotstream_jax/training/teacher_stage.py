@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax import context as context_lib
-from shotstream_jax.data import precompute as pc
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
 from shotstream_jax.training import data as data_lib
@@ -173,19 +172,9 @@ class TeacherStage:
     return {'loss': loss, 'flow_mse': aux['flow_mse']}
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    d = self.config.data
-    return data_lib.make_iterator(
-        pc.PrecomputedSource(self.train_dir), self._example, batch_size=batch_size,
-        seed=d.seed, shuffle=d.shuffle, shard_index=shard_index, shard_count=shard_count,
-        read_threads=d.read_threads, prefetch=d.prefetch)
+    return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
+                                   shard_count, batch_size)
 
   def eval_batches(self, batch_size: int):
-    """Held-out batches, a fixed list (same target shots every evaluation)."""
-    source = pc.PrecomputedSource(self.heldout_dir)
-    it = data_lib.make_iterator(source, self._example, batch_size=batch_size,
-                                seed=self.config.train.eval_seed, shuffle=False, num_epochs=1,
-                                shard_index=jax.process_index(),
-                                shard_count=jax.process_count(), read_threads=1, prefetch=1)
-    batches = list(it)
-    n = self.config.teacher.eval_batches
-    return batches[:n] if n else batches
+    return data_lib.heldout_batches(self.config, self.heldout_dir, self._example, batch_size,
+                                    self.config.teacher.eval_batches)
