@@ -10,6 +10,7 @@ Rerun the same command after a crash or preemption: it continues from the newest
 checkpoint with the same data order and PRNG stream. Multi-host (TPU slice, multi-node GPU):
 run the same command on every host with --distributed (launch/tpu/README.md).
 Outputs in --workdir: checkpoints/, metrics.jsonl, tb/ (TensorBoard events), data/ (tiny).
+Logs are quiet (warnings and the progress bar); --verbosity=0 shows every INFO line.
 """
 
 import os
@@ -44,6 +45,8 @@ flags.mark_flag_as_required('workdir')
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:   # orbax logs every checkpoint step at INFO
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -51,8 +54,9 @@ def main(argv):
     print('error: --coordinator/--num_processes/--process_id: only with --distributed',
           file=sys.stderr)
     sys.exit(2)
-  logging.info('train: %d processes, %d devices (%s)', jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  if jax.process_index() == 0:
+    print(f'train: {jax.process_count()} process(es), {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s); workdir {_WORKDIR.value}', flush=True)
   try:
     state = cli.exit_on_user_error(train_loop.train, _CONFIG.value, _WORKDIR.value)
   except train_loop.NonFiniteError as e:

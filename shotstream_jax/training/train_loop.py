@@ -246,7 +246,8 @@ def train(config, workdir: str, *, stage=None,
   else:
     start, state, data_state = restored
     iterator.set_state(data_state)
-    logging.info('train: resumed from step %d in %s', start, checkpointer.directory)
+    if jax.process_index() == 0:
+      print(f'train: resumed from step {start} in {checkpointer.directory}', flush=True)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
 
   make_step = getattr(stage, 'train_step', None)
