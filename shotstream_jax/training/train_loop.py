@@ -131,7 +131,7 @@ def default_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> C
     params = optax.apply_updates(state.params, updates)
     metrics = dict(aux, loss=loss)
     for net in grads:
-      metrics[f'grad_norm/{net}'] = optax.global_norm(grads[net])
+      metrics[f'grad_norm/{net}'] = optax.tree.norm(grads[net])
     return state.replace(params=params, opt_state=opt_state,
                          rng=jax.random.key_data(key)), metrics
   return step
