@@ -101,6 +101,7 @@ def bench(config, shots: int, matmul_n: int = 0) -> dict:
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   print(json.dumps(cli.exit_on_user_error(bench, _CONFIG.value, _SHOTS.value, _MATMUL.value),
                    indent=1))
 

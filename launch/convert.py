@@ -42,6 +42,7 @@ def convert(config, kind: str, src: str, dst: str) -> str:
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   if not _SRC.value or not _DST.value:
     raise app.UsageError('--src and --dst are required')
   out = cli.exit_on_user_error(convert, _CONFIG.value, _KIND.value, _SRC.value, _DST.value)

@@ -62,6 +62,7 @@ def export(config, workdir: str, network: str, out: str) -> str:
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   path = cli.exit_on_user_error(export, _CONFIG.value, _WORKDIR.value, _NETWORK.value, _OUT.value)
   print(f'export: {_NETWORK.value} of {_WORKDIR.value} -> {path}')
 

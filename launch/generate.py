@@ -150,6 +150,7 @@ def generate(config, prompts_path, out, seed, ckpt=None, vae=None, text_encoder=
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   lines = iter(sys.stdin) if _INTERACTIVE.value else None
   result = cli.exit_on_user_error(
       generate, _CONFIG.value, _PROMPTS.value, _OUT.value, _SEED.value, _CKPT.value, _VAE.value,

@@ -105,6 +105,7 @@ def run(config, data_config):
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   result, random = cli.exit_on_user_error(run, _CONFIG.value, _DATA_CONFIG.value)
   print(f'precompute: {result.num_examples} examples in {result.num_shards} shards at '
         f'{result.out_dir}; this process wrote {len(result.processed)} shard(s), found '

@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -45,8 +44,7 @@ flags.mark_flag_as_required('workdir')
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:   # orbax logs every checkpoint step at INFO
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
