@@ -134,6 +134,13 @@ def set_in(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
+def get_in(tree: Mapping, path: tuple):
+  """tree[path[0]][path[1]]..."""
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
 def flatten(tree: Mapping, prefix: tuple = ()) -> dict:
   """{path tuple: leaf} of a nested dict."""
   out = {}

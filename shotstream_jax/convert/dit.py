@@ -182,7 +182,7 @@ def dit_to_torch(params, model_cfg) -> dict:
   """The inverse of `dit_from_torch`: original Wan names -> float32 numpy in PyTorch layout."""
   out = {}
   for name, path, kind, layer in _items(model_cfg):
-    value = np.asarray(_get(params, path), np.float32)
+    value = np.asarray(common.get_in(params, path), np.float32)
     value = value if layer is None else value[layer]
     if kind == 'linear':
       value = value.T
@@ -191,12 +191,6 @@ def dit_to_torch(params, model_cfg) -> dict:
       value = value.reshape(pt, ph, pw, -1, value.shape[-1]).transpose(4, 3, 0, 1, 2)
     out[name] = np.ascontiguousarray(value)
   return out
-
-
-def _get(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def load_dit(path: str, model_cfg) -> dict:

@@ -143,6 +143,18 @@ def umt5_from_torch(state_dict: Mapping[str, Any], text_cfg, dtype=None) -> dict
   return params
 
 
+def umt5_to_torch(params, text_cfg, layout: str = 'original') -> dict:
+  """The inverse of `umt5_from_torch`: checkpoint names of `layout` -> float32 numpy."""
+  out = {}
+  for key, (top, layer, blk) in _names(text_cfg, layout).items():
+    if top is not None:
+      out[key] = np.asarray(common.get_in(params, top), np.float32)
+      continue
+    arr = np.asarray(common.get_in(params, ('blocks',) + blk)[layer], np.float32)
+    out[key] = np.ascontiguousarray(arr.T if _BLOCK[blk][2] else arr)
+  return out
+
+
 def _to_device(arr: np.ndarray) -> jax.Array:
   out = jnp.asarray(arr)
   out.block_until_ready()

@@ -2,6 +2,7 @@
 
     params = load_vae('Wan2.1-T2V-1.3B/Wan2.1_VAE.pth', config.vae)
     params = vae_from_torch(AutoencoderKLWan(...).state_dict(), config.vae)
+    state_dict = vae_to_torch(params, config.vae)     # the original layout, e.g. to ship ours
 
 The layout is detected from the keys. The two layouts differ only in names (diffusers regroups
 the original flat `downsamples.N` / `upsamples.N` lists into blocks); tensors are re-laid out
@@ -123,6 +124,21 @@ def vae_from_torch(state_dict: Mapping[str, Any], vae_cfg) -> dict:
   for path, (key, _) in kmap.items():
     common.set_in(params, path, _to_ours(path, common.to_numpy(state_dict[key], np.float32)))
   return params
+
+
+def vae_to_torch(params, vae_cfg) -> dict:
+  """The inverse of `vae_from_torch`: original Wan2.1 names -> float32 numpy, PyTorch layout."""
+  flat = common.flatten(params)
+  out = {}
+  for path, (key, shape) in key_map(vae_cfg, ORIGINAL).items():
+    arr = np.asarray(flat[path], np.float32)
+    if path[-1] != 'bias':
+      if arr.ndim == 2:        # dense -> 1x1 Conv2d
+        arr = arr.T
+      elif arr.ndim > 2:       # [*k, I, O] -> [O, I, *k]
+        arr = arr.transpose((arr.ndim - 1, arr.ndim - 2) + tuple(range(arr.ndim - 2)))
+    out[key] = np.ascontiguousarray(arr.reshape(shape))
+  return out
 
 
 def load_vae(path: str, vae_cfg) -> dict:
