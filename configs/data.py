@@ -1,4 +1,4 @@
-"""Data configuration: `get_config('tiny' | 'default')`.
+"""Data configuration: `get_config('tiny' | 'storyworld' | 'default')`.
 
 Sections:
   storyworld  procedural multi-shot videos with known ground truth (data/storyworld.py)
@@ -7,11 +7,13 @@ Sections:
 
 `tiny` is sized for tests and CPU training in minutes: 32x32 frames, 9 pixel frames per shot
 (= 3 latent frames after the VAE's 4x temporal compression = one student chunk).
+`storyworld` is the data of the embedded default model (configs/shotstream.py:storyworld):
+32x32, 21 frames per shot (6 latent frames = 2 chunks), 2-4 shots, 2000 training stories.
 """
 
 import ml_collections
 
-PRESETS = ('tiny', 'default')
+PRESETS = ('tiny', 'storyworld', 'default')
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
@@ -20,13 +22,13 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   s = c.storyworld = ml_collections.ConfigDict()
-  s.height = 32 if arg == 'tiny' else 64
-  s.width = 32 if arg == 'tiny' else 64
+  s.height = 64 if arg == 'default' else 32
+  s.width = 64 if arg == 'default' else 32
   s.frames_per_shot = 9 if arg == 'tiny' else 21  # 4k+1: 3 or 6 latent frames
   s.min_shots = 2
-  s.max_shots = 4 if arg == 'tiny' else 5
-  s.num_train = 64 if arg == 'tiny' else 20000
-  s.num_heldout = 16 if arg == 'tiny' else 500
+  s.max_shots = 5 if arg == 'default' else 4
+  s.num_train = {'tiny': 64, 'storyworld': 2000, 'default': 20000}[arg]
+  s.num_heldout = {'tiny': 16, 'storyworld': 64, 'default': 500}[arg]
   s.seed = 0                   # the whole dataset is a function of this seed
   s.supersample = 2            # anti-aliasing: render at this multiple, then box-average
 

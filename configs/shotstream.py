@@ -1,7 +1,14 @@
-"""ShotStream model configuration: `get_config('tiny' | 'wan_1_3b')`.
+"""ShotStream model configuration: `get_config('storyworld' | 'tiny' | 'wan_1_3b')`.
 
 Used as `--config=configs/shotstream.py:wan_1_3b --config.model.rope.theta=0` by the entry points
 in `launch/`, and imported directly by tests (`from configs import shotstream`).
+
+Presets:
+  storyworld  the embedded default: Wan's architectures scaled to train end to end on a 2-core
+              CPU on StoryWorld (32x32 video, 21 frames per shot); trained weights ship in
+              weights/storyworld/ (launch/reproduce.py makes them from nothing)
+  tiny        random-weight shape tests, milliseconds per call
+  wan_1_3b    Wan2.1-T2V-1.3B and the published ShotStream
 
 Sections:
   model  the Wan DiT shared by teacher, critic and student (DESIGN 4.1-4.3)
@@ -12,7 +19,7 @@ Sections:
 
 import ml_collections
 
-PRESETS = ('tiny', 'wan_1_3b')
+PRESETS = ('storyworld', 'tiny', 'wan_1_3b')
 
 # Wan2.1 VAE latent normalisation (DESIGN 4.6): latents are (mu - mean) / std.
 WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -33,6 +40,14 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.freq_dim = 256
     m.text_dim = 4096
     m.text_len = 512
+  elif preset == 'storyworld':  # trains on a 2-core CPU (README: StoryWorld default model)
+    m.dim = 128
+    m.num_layers = 6
+    m.num_heads = 2           # head_dim 64 -> RoPE pairs 12 / 10 / 10
+    m.ffn_dim = 512
+    m.freq_dim = 64
+    m.text_dim = 64           # = text.d_model
+    m.text_len = 64           # StoryWorld prompts are ~25 tokens
   else:  # tiny: runs in milliseconds on CPU
     m.dim = 64
     m.num_layers = 2
@@ -71,17 +86,28 @@ def vae_config(preset: str) -> ml_collections.ConfigDict:
   """The Wan2.1 causal VAE section (`wan_1_3b` -> the published Wan2.1 VAE)."""
   _check_preset(preset)
   v = ml_collections.ConfigDict()
-  if preset == 'wan_1_3b':
-    v.base_dim = 96
-    v.dim_mult = (1, 2, 4, 4)
-  else:
-    v.base_dim = 8
-    v.dim_mult = (1, 2, 2, 2)
   v.z_dim = 16
   v.num_res_blocks = 2
   v.temporal_downsample = (False, True, True)
   v.latent_mean = WAN_LATENT_MEAN
   v.latent_std = WAN_LATENT_STD
+  if preset == 'wan_1_3b':
+    v.base_dim = 96
+    v.dim_mult = (1, 2, 4, 4)
+  elif preset == 'storyworld':
+    # 4x spatial (32x32 -> 8x8 latents, 16 DiT tokens per latent frame) and 4x temporal
+    # (21 frames -> 6 latents = 2 chunks of 3). Trained by stage 0 (configs/train/vae.py);
+    # the latent statistics measured on StoryWorld are folded into its quant convs, so the
+    # shipped weights emit normalised latents and the normalisation here is the identity.
+    v.base_dim = 8
+    v.dim_mult = (1, 2, 4)
+    v.num_res_blocks = 1
+    v.temporal_downsample = (True, True)
+    v.latent_mean = (0.0,) * v.z_dim
+    v.latent_std = (1.0,) * v.z_dim
+  else:
+    v.base_dim = 8
+    v.dim_mult = (1, 2, 2, 2)
   v.image_channels = 3
   v.norm_eps = 1e-12          # RMS norm: x / max(||x||, eps) * sqrt(C) * scale (F.normalize's eps)
   v.dtype = 'float32'         # compute dtype; params stay fp32
@@ -99,6 +125,13 @@ def text_config(preset: str) -> ml_collections.ConfigDict:
     t.d_kv = 64
     t.d_ff = 10240
     t.num_layers = 24
+  elif preset == 'storyworld':  # frozen random weights, a SentencePiece vocabulary of StoryWorld
+    t.vocab_size = 160            # the trained spiece.model's pieces: every StoryWorld word is one
+    t.d_model = 64
+    t.num_heads = 2
+    t.d_kv = 32
+    t.d_ff = 128
+    t.num_layers = 2
   else:
     t.vocab_size = 512
     t.d_model = 32
@@ -126,17 +159,21 @@ def sampling_config(preset: str) -> ml_collections.ConfigDict:
   if preset == 'wan_1_3b':
     s.height, s.width = 480, 832  # pixels -> latent 60x104 -> 1560 tokens per latent frame
     s.shot_latent_frames = 21     # 81 pixel frames per shot = 7 chunks of 3
+  elif preset == 'storyworld':
+    s.height, s.width = 32, 32    # latent 8x8 -> 16 tokens per latent frame
+    s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3
   else:
     s.height, s.width = 64, 96    # latent 8x12 -> 24 tokens per latent frame
     s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3
   s.local_frames = s.shot_latent_frames  # local cache capacity (latent frames)
+  s.context = 'history'         # global context: 'history' (reference) | 'none' (ablation)
   s.fps = 16
   return s
 
 
-def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
-  """Full config for a preset name (`tiny` or `wan_1_3b`)."""
-  preset = (arg or 'tiny').strip()
+def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
+  """Full config for a preset name (`storyworld`, `tiny` or `wan_1_3b`)."""
+  preset = (arg or 'storyworld').strip()
   _check_preset(preset)
   c = ml_collections.ConfigDict()
   c.preset = preset
@@ -145,6 +182,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.text = text_config(preset)
   c.sampling = sampling_config(preset)
   c.seed = 0
+  # Trained weights shipped with the repository for this preset ('' = none: random weights);
+  # relative to the repository root (shotstream_jax/embedded.py).
+  c.weights_dir = 'weights/storyworld' if preset == 'storyworld' else ''
   return c
 
 

@@ -1,6 +1,9 @@
 r"""Generate a multi-shot story to mp4, streaming chunk by chunk.
 
-  # the embedded default model (random tiny weights; nothing to download):
+  # the embedded default model (trained StoryWorld weights shipped in weights/storyworld/):
+  python launch/generate.py --prompts=configs/stories/storyworld.json --out=out/story.mp4
+
+  # random weights of a preset (shapes, speed; the video is noise):
   python launch/generate.py --config=configs/shotstream.py:tiny \
       --prompts=configs/stories/harbour.json --out=out/story.mp4
 
@@ -30,20 +33,22 @@ import numpy as np
 from tqdm import tqdm
 
 from shotstream_jax import cli
+from shotstream_jax import embedded
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.io import video as video_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:tiny',
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:storyworld',
                                           'Config: configs/shotstream.py:<preset>.')
-_PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/harbour.json',
+_PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/storyworld.json',
                                 'Story JSON or testset CSV.')
 _OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors, orbax dir, or a '
-                            'training --workdir: its generator); absent: random weights of the '
-                            'preset. At `tiny`, --ckpt alone runs it with the embedded VAE and '
-                            'text encoder (those tiny StoryWorld training encodes with).')
+                            'training --workdir: its generator); absent: the preset\'s shipped '
+                            'model (storyworld), else random weights. With shipped weights, '
+                            '--ckpt alone replaces only the DiT; at `tiny`, --ckpt alone runs '
+                            'with the embedded random VAE and text encoder.')
 _VAE = flags.DEFINE_string('vae', None, 'VAE weights (Wan2.1_VAE.pth or orbax dir).')
 _TEXT = flags.DEFINE_string('text_encoder', None, 'umT5 weights (.pth or orbax dir).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'google/umt5-xxl tokenizer folder.')
@@ -54,9 +59,18 @@ _WARMUP = flags.DEFINE_bool('warmup', True, 'Compile before timing (2 throwaway 
 
 def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=None):
   given = {'--ckpt': ckpt, '--vae': vae, '--text_encoder': text_encoder, '--tokenizer': tokenizer}
+  shipped = embedded.model_dir(config)
+  if shipped:   # flags given replace the shipped files one by one
+    files = embedded.paths(shipped)
+    for flag, key in (('--ckpt', 'dit_path'), ('--vae', 'vae_path'),
+                      ('--text_encoder', 'text_path'), ('--tokenizer', 'tokenizer_path')):
+      files[key] = given[flag] or files[key]
+    if not any(given.values()):
+      print(f'note: the shipped {config.preset!r} model ({shipped})', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.load(config, **files)
   if not any(given.values()):
-    print(f'note: no --ckpt: random weights of the {config.preset!r} preset (the embedded '
-          'default model); the video is noise-like by design', file=sys.stderr)
+    print(f'note: no --ckpt: random weights of the {config.preset!r} preset; the video is '
+          'noise-like by design', file=sys.stderr)
     return pipeline_lib.ShotStreamPipeline.from_random(config, config.seed)
   missing = [k for k, v in given.items() if not v]
   if ckpt and len(missing) == 3 and config.preset == 'tiny':

@@ -77,3 +77,9 @@ def choose_context(shot_lengths: Sequence[int], budget: int) -> ContextChoice:
   table = tuple(distinct) + (shot,) * (rows - len(distinct))
   return ContextChoice(tuple(indices), tuple(ids), tuple(row[j] for j in ids), ids[-1] + 1,
                        len(distinct), table)
+
+
+def no_context(shot: int, budget: int) -> ContextChoice:
+  """The 'global cache off' ablation: shot `shot` conditioned as a first shot (zero context
+  latents with id 0, generated frames id 1) but on its own caption."""
+  return ContextChoice((), (0,) * budget, (0,) * budget, 1, 0, (shot,) * (budget + 1))

@@ -1,6 +1,7 @@
 """The user-facing object: weights + prompt encoding + the streaming student + VAE decode.
 
-    pipe = ShotStreamPipeline.from_random(shotstream.get_config('tiny'))        # or .load(...)
+    pipe = ShotStreamPipeline.embedded(shotstream.get_config('storyworld'))  # shipped weights
+    pipe = ShotStreamPipeline.from_random(shotstream.get_config('tiny'))      # or .load(...)
     video = pipe.generate(story, seed=0)               # uint8 [T, H, W, 3]
 
     session = pipe.session(global_caption, seed=0)
@@ -27,6 +28,7 @@ import numpy as np
 
 from shotstream_jax import context as context_lib
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.io.video import to_uint8
 from shotstream_jax.models import dit
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
@@ -36,12 +38,21 @@ from shotstream_jax.sampling import causal
 from shotstream_jax import text as text_lib
 
 StoryLike = Union[prompts_lib.Story, dict, Sequence[str]]
+# sampling.context: 'history' = the reference's global context from earlier shots; 'none' =
+# every shot as a first shot (zero context: the "global cache off" ablation).
+CONTEXT_MODES = ('history', 'none')
 
 
-def to_uint8(frames) -> np.ndarray:
-  """[-1, 1] floats -> uint8 RGB, as the reference writes (x * 0.5 + 0.5, clamped, * 255)."""
-  x = np.clip(np.asarray(frames, np.float32) * 0.5 + 0.5, 0.0, 1.0)
-  return np.round(x * 255.0).astype(np.uint8)
+def latent_size(config):
+  """(h, w) of the latents of `config.sampling`'s frames, checked against the VAE and patch."""
+  s = config.sampling
+  factor = vae_lib.spatial_factor(config.vae)
+  multiple = factor * config.model.patch_size[1]
+  for name, size in (('height', s.height), ('width', s.width)):
+    if size < multiple or size % multiple:
+      raise ValueError(f'sampling.{name}: must be a positive multiple of {multiple} (VAE '
+                       f'{factor}x times patch {config.model.patch_size[1]}), got {size}')
+  return s.height // factor, s.width // factor
 
 
 def as_story(story: StoryLike) -> prompts_lib.Story:
@@ -77,33 +88,35 @@ def load_dit_params(config, path: str):
   from shotstream_jax.training import init  # pylint: disable=g-import-not-at-top
   if not path:
     raise ValueError('--ckpt: a checkpoint path is required')
+  init.check_run_config(path, config)
   return init.load_network_params(path, 'generator', config.model, field='--ckpt')
 
 
 class ShotStreamPipeline:
   """DiT, VAE and text-encoder params plus the jitted pieces of streaming generation."""
 
-  def __init__(self, config, dit_params, vae_params, prompt_encoder):
+  def __init__(self, config, dit_params, vae_params, prompt_encoder, sampler=None):
+    """`sampler`: what generates a shot (default the streaming causal student of
+    `config`); e.g. sampling.teacher.TeacherSampler to run the teacher shot by shot."""
     self.config = config
     s = config.sampling
     self.vae = vae_lib.WanVAE(config.vae)
-    factor = vae_lib.spatial_factor(config.vae)
-    multiple = factor * config.model.patch_size[1]
-    for name, size in (('height', s.height), ('width', s.width)):
-      if size < multiple or size % multiple:
-        raise ValueError(f'sampling.{name}: must be a positive multiple of {multiple} (VAE '
-                         f'{factor}x times patch {config.model.patch_size[1]}), got {size}')
-    self.latent_hw = (s.height // factor, s.width // factor)
-    self.sampler = causal.CausalSampler(config.model, s, self.latent_hw)
+    self.latent_hw = latent_size(config)
+    self.sampler = sampler or causal.CausalSampler(config.model, s, self.latent_hw)
+    self.streams = isinstance(self.sampler, causal.CausalSampler)
     self.dit_params = dit_params
     self.vae_params = vae_params
     self.prompt_encoder = prompt_encoder
     self.budget = config.model.context_frames
+    if s.context not in CONTEXT_MODES:
+      raise ValueError(f'sampling.context: unknown {s.context!r}; accepted: '
+                       f'{", ".join(CONTEXT_MODES)}')
     self.compile_counts: Dict[str, int] = collections.Counter()
 
     vae, sampler = self.vae, self.sampler
-    self._prefill = self._jit('prefill', sampler.prefill)
-    self._chunk = self._jit('chunk', sampler.chunk)
+    if self.streams:
+      self._prefill = self._jit('prefill', sampler.prefill)
+      self._chunk = self._jit('chunk', sampler.chunk)
     self._shot = self._jit('shot', sampler.shot)
     self._text_kv = self._jit(
         'text_kv', lambda p, rows: dit.WanTextKV(config.model).apply({'params': p}, rows))
@@ -119,6 +132,19 @@ class ShotStreamPipeline:
     return jax.jit(traced)
 
   # ------------------------------------------------------------------ construction
+
+  @classmethod
+  def embedded(cls, config):
+    """The preset's shipped trained model (`config.weights_dir`, shotstream_jax/embedded.py);
+    raises FileNotFoundError naming what is missing when the preset ships none."""
+    from shotstream_jax import embedded  # pylint: disable=g-import-not-at-top
+    directory = embedded.model_dir(config)
+    if directory is None:
+      raise FileNotFoundError(
+          f'weights: preset {config.preset!r} ships no trained model'
+          + (f' ({config.weights_dir} is missing or incomplete; launch/reproduce.py makes it)'
+             if config.get('weights_dir') else '') + '; use from_random or load')
+    return cls.load(config, **embedded.paths(directory))
 
   @classmethod
   def from_random(cls, config, seed: int = 0, tokenizer=None):
@@ -198,7 +224,7 @@ class ShotStreamPipeline:
     story = as_story(story)
     session = self.session(story.global_caption, seed)
     for caption in story.shots:
-      if streaming:
+      if streaming and self.streams:
         for _ in session.next_shot(caption):
           pass
       else:
@@ -234,7 +260,10 @@ class StorySession:
     del self.captions[len(self.shot_lengths):]
     if not isinstance(caption, str) or not caption.strip():
       raise ValueError(f'prompt: shot {len(self.captions) + 1} has an empty prompt')
-    choice = context_lib.choose_context(self.shot_lengths, pipe.budget)
+    if pipe.config.sampling.context == 'history':
+      choice = context_lib.choose_context(self.shot_lengths, pipe.budget)
+    else:
+      choice = context_lib.no_context(len(self.shot_lengths), pipe.budget)
     self.captions.append(caption)
     prompts = prompts_lib.shot_prompts(self.global_caption, self.captions)
     rows = pipe.prompt_encoder([prompts[j] for j in choice.caption_shots])
@@ -271,8 +300,12 @@ class StorySession:
   # -- public
 
   def next_shot(self, caption: str) -> Iterator[np.ndarray]:
-    """Generate the next shot, yielding uint8 frames [n, H, W, 3] as each chunk is decoded."""
+    """Generate the next shot, yielding uint8 frames [n, H, W, 3] as each chunk is decoded
+    (a sampler that does not stream, the teacher's, yields the whole shot once)."""
     pipe = self.pipe
+    if not pipe.streams:
+      yield self.run_shot(caption)
+      return
     t0 = time.perf_counter()
     plan = self._plan(caption)
     key = self._shot_key()

@@ -95,3 +95,34 @@ def test_ode_pairs_match_a_hand_written_loop():
     np.testing.assert_allclose(traj[:, k], saved[k], atol=1e-4)
   np.testing.assert_allclose(traj[:, -1], x, atol=1e-4)
   np.testing.assert_array_equal(traj[:, 0], noise)
+
+
+def test_teacher_sampler_in_the_pipeline_is_ode_pairs():
+  """The pipeline's teacher shot (caption-table K/V, zero uncond rows) equals ode_pairs' x0 on
+  the raw rows with the same noise; a 2-shot story runs through it without streaming."""
+  from shotstream_jax import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = shotstream.get_config('tiny')
+  m = cfg.model
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape),
+                        dit.init_params(m, jax.random.key(0)))
+  base = pipeline.ShotStreamPipeline.from_random(cfg, seed=0)
+  uncond = np.zeros((m.text_len, m.text_dim), np.float32)
+  sampler = teacher.TeacherSampler(m, cfg.sampling, base.latent_hw, uncond, guidance=3.0,
+                                   num_steps=4)
+  pipe = pipeline.ShotStreamPipeline(cfg, params, base.vae_params, base.prompt_encoder, sampler)
+  assert not pipe.streams
+  session = pipe.session('A harbour. ', seed=0)
+  plan = session._plan('boats at dawn')      # pylint: disable=protected-access
+  key = jax.random.key(7)
+  got = pipe._shot(params, plan, key)        # pylint: disable=protected-access
+  f = cfg.sampling.shot_latent_frames
+  cond = teacher.FrameConcat(
+      plan.ctx_latents, jnp.concatenate([plan.ctx_shot, jnp.repeat(plan.gen_shot[:, None], f, 1)], 1),
+      jnp.concatenate([plan.ctx_caption, jnp.repeat(plan.gen_caption[:, None], f, 1)], 1))
+  rows = base.prompt_encoder(['A harbour. shot0:boats at dawn'] * (m.context_frames + 1))
+  noise = jax.random.normal(key, got.shape, jnp.float32)
+  traj, _ = teacher.ode_pairs(m, params, noise, cond, rows, jnp.asarray(uncond)[None],
+                              guidance=3.0, num_steps=4, save_steps=())
+  np.testing.assert_allclose(got, traj[:, -1], atol=2e-4)
+  video = pipe.generate(['boats at dawn', 'a gull lands'], seed=0)
+  assert video.shape[0] == 2 * pipe.frames_per_shot

@@ -29,7 +29,10 @@ def adamw(lr: float, clip: float, weight_decay: float = 0.01, trainable: str = '
   """One network's optimizer; defaults are the reference's (betas (0, 0.999), wd 0.01)."""
   return ml_collections.ConfigDict(dict(
       lr=lr, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, clip=clip,
-      warmup_steps=0, trainable=trainable))   # trainable: regex on 'blocks/self_attn/q/kernel'
+      warmup_steps=0,          # linear warm-up from 0
+      decay_steps=0,           # 0: constant after warm-up; > 0: cosine decay ending here ...
+      final_lr_fraction=0.05,  # ... at lr * this
+      trainable=trainable))    # trainable: regex on 'blocks/self_attn/q/kernel'
 
 
 def base(preset: str, stage: str) -> ml_collections.ConfigDict:
@@ -41,12 +44,18 @@ def base(preset: str, stage: str) -> ml_collections.ConfigDict:
 
   d = c.data = ml_collections.ConfigDict()
   d.source = 'storyworld' if preset == 'tiny' else 'precomputed'
-  d.storyworld = data_configs.get_config('tiny').storyworld   # sizes when source=storyworld
+  # StoryWorld sizes (source=storyworld; the VAE stage; the storyworld chain's precompute).
+  d.storyworld = data_configs.get_config('storyworld' if preset == 'storyworld' else 'tiny'
+                                         ).storyworld
+  if preset == 'tiny':   # every stage trains (and generation runs) at the data's size
+    sw = d.storyworld
+    c.sampling.height, c.sampling.width = sw.height, sw.width
+    c.sampling.shot_latent_frames = c.sampling.local_frames = (sw.frames_per_shot - 1) // 4 + 1
   d.dir = ''                  # storyworld: where it is built and encoded ('' = <workdir>/data)
   d.encoder_seed = 0          # storyworld: seed of the random tiny VAE / umT5 weights
   d.train_dir = ''            # precomputed: launch/precompute.py output of the train split
   d.heldout_dir = ''          # precomputed: ... of a held-out split
-  d.batch_size = 4 if preset == 'tiny' else 8    # global, over all processes
+  d.batch_size = {'tiny': 4, 'storyworld': 16}.get(preset, 8)   # global, over all processes
   d.seed = 0
   d.shuffle = True
   d.read_threads = 2
@@ -55,11 +64,12 @@ def base(preset: str, stage: str) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
 
   t = c.train = ml_collections.ConfigDict()
-  t.num_steps = 300 if preset == 'tiny' else 10000
-  t.log_every = 10 if preset == 'tiny' else 50
-  t.eval_every = 100 if preset == 'tiny' else 1000   # 0: no held-out evaluation
+  small = preset in ('tiny', 'storyworld')
+  t.num_steps = 300 if small else 10000
+  t.log_every = 10 if small else 50
+  t.eval_every = 100 if small else 1000   # 0: no held-out evaluation
   t.eval_seed = 1234
-  t.checkpoint_every = 100 if preset == 'tiny' else 500
+  t.checkpoint_every = 100 if small else 500
   t.keep_checkpoints = 3
   t.seed = 0                  # init and the train state's PRNG key
   t.skip_nonfinite = False    # False: NaN/Inf stops the run; True: skip that step

@@ -1,4 +1,4 @@
-"""Stage 4, inter-shot DMD with self-generated history: `get_config('tiny' | 'wan_1_3b')`.
+"""Stage 4, inter-shot DMD with self-generated history: `get_config('storyworld' | 'tiny' | 'wan_1_3b')`.
 
   python launch/train.py --config=configs/train/dmd_inter.py:tiny --workdir=out/dmd_inter_tiny
 
@@ -7,6 +7,8 @@ shots conditioned on the decoded and re-encoded earlier outputs (needs the VAE: 
 random one, or `--config.dmd.vae_path=Wan2.1_VAE.pth` for precomputed data). `wan_1_3b` follows
 the reference: LoRA rank 256, alpha 256 on every Linear of every block of generator and critic
 (`--config.dmd.generator_init` = the stage-3 generator, `dmd.critic_init` = its critic).
+`storyworld` fine-tunes every param (no LoRA: the model is small) over 3-shot rollouts, the
+VAE being the stage-0 export (`dmd.vae_path`).
 """
 
 import ml_collections
@@ -17,5 +19,10 @@ from configs.train import dmd_intra
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   preset = (arg or 'tiny').strip()
   c = dmd_intra.dmd_config(preset, 'dmd_inter')
-  c.lora.enabled = preset != 'tiny'
+  c.lora.enabled = preset == 'wan_1_3b'
+  if preset == 'storyworld':
+    c.data.batch_size = 4
+    c.train.num_steps = 300
+    c.train.log_every = 6
+    c.train.checkpoint_every = 30
   return c

@@ -1,4 +1,4 @@
-"""Stage 2, ODE init of the causal student: `get_config('tiny' | 'wan_1_3b')`.
+"""Stage 2, ODE init of the causal student: `get_config('storyworld' | 'tiny' | 'wan_1_3b')`.
 
   python launch/train.py --config=configs/train/ode_init.py:wan_1_3b --workdir=out/ode \
       --config.ode.init_from=out/teacher --config.data.train_dir=... --config.data.heldout_dir=...
@@ -11,6 +11,8 @@ warped student timesteps) + x0; AdamW lr 1e-6, betas (0, 0.999), wd 0.01, clip 1
 `tiny` trains the 2-layer DiT on StoryWorld with a large lr and the same 50-step sampler (cheap
 at that size). Start it from a stage-1 run (`--config.ode.init_from=out/teacher_tiny`): Wan's
 initializers zero the output head, so a random-init teacher predicts v = 0 and the loss is 0.
+`storyworld` runs the reference's sampler (50 Euler steps, saved at 0/13/25/37) on the stage-1
+teacher with a larger lr than the reference's fine-tune and momentum.
 """
 
 import ml_collections
@@ -33,6 +35,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   o.target_frames = c.sampling.shot_latent_frames   # generated frames (multiple of chunk)
   o.num_steps = 50            # teacher Euler steps
   o.guidance = 6.0            # CFG: uncond + g (cond - uncond), uncond = negative prompt
+  o.negative = 'precomputed'  # uncond text: the 'precomputed' negative prompt, 'zeros' or 'auto'
   o.save_steps = (0, 13, 25, 37)   # latents entering these steps (+ x0) form the trajectory
   o.exact_steps = True        # require save_steps' timesteps == the student's denoising steps
   o.eval_batches = 1 if tiny else 4   # held-out batches per evaluation (0 = the whole split)
@@ -44,6 +47,16 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.train.num_steps = 100
     c.train.eval_every = 50
     c.train.checkpoint_every = 50
+  elif preset == 'storyworld':
+    o.negative = 'zeros'      # the from-scratch teacher learned "no prompt" as zero rows
+    o.guidance = 4.0          # = the DMD real score's cond + 3 (cond - uncond)
+    c.data.batch_size = 4     # 50 Euler steps x 2B teacher rows per step
+    c.optim.generator = common.adamw(lr=1e-4, clip=1.0, b1=0.9, b2=0.99)
+    c.optim.teacher = frozen
+    c.train.num_steps = 250
+    c.train.log_every = 10
+    c.train.eval_every = 125
+    c.train.checkpoint_every = 25
   else:
     c.optim.generator = common.adamw(lr=1e-6, clip=1.0)
     c.optim.teacher = frozen

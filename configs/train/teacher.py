@@ -1,4 +1,4 @@
-"""Stage 1, the bidirectional next-shot teacher: `get_config('tiny' | 'wan_1_3b')`.
+"""Stage 1, the bidirectional next-shot teacher: `get_config('storyworld' | 'tiny' | 'wan_1_3b')`.
 
   python launch/train.py --config=configs/train/teacher.py:tiny --workdir=out/teacher_tiny
 
@@ -7,6 +7,10 @@ tiny encoders) on CPU in about a minute. `wan_1_3b` is the reference fine-tune (
 from Wan2.1-T2V-1.3B (`--config.teacher.init_from=.../diffusion_pytorch_model.safetensors`),
 only self-attention params, AdamW lr 1e-5, betas (0, 0.999), wd 0.01, clip 10, bf16 compute
 with fp32 master weights, per-block remat, on precomputed shards (`data.train_dir`, ...).
+`storyworld` trains the preset's DiT from scratch on StoryWorld shards encoded by the stage-0
+VAE (launch/reproduce.py chains it): every param, AdamW with momentum and warm-up (from
+scratch, not a fine-tune), uniform loss weighting (the student's steps and the DMD scores sit
+at t > 700, where the reference's bump gives almost no weight), whole 6-latent shots.
 """
 
 import ml_collections
@@ -22,7 +26,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t = c.teacher = ml_collections.ConfigDict()
   t.init_from = ''            # '' = random init; a Wan/ShotStream file or our orbax dir
   t.target_shot = 'random'    # 'random' shot of the story, or its 'last'
-  t.target_frames = 3 if tiny else 21   # latent frames of the target shot (padded / cut)
+  t.target_frames = c.sampling.shot_latent_frames   # latent frames of the target (padded / cut)
   t.context_dropout = 0.1
   t.prompt_dropout = 0.1
   t.weighting = 'bump'        # w(t); 'uniform' turns it off
@@ -30,6 +34,16 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
   if tiny:
     c.optim.teacher = common.adamw(lr=1e-3, clip=10.0, weight_decay=0.01)
+  elif preset == 'storyworld':
+    t.weighting = 'uniform'
+    t.eval_batches = 4
+    c.optim.teacher = common.adamw(lr=5e-4, clip=1.0, weight_decay=0.01, b1=0.9, b2=0.99)
+    c.optim.teacher.warmup_steps = 100
+    c.train.num_steps = 3000
+    c.optim.teacher.decay_steps = c.train.get_ref('num_steps')
+    c.train.log_every = 25
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 250
   else:
     c.optim.teacher = common.adamw(lr=1e-5, clip=10.0, weight_decay=0.01,
                                    trainable='self_attn')

@@ -53,6 +53,7 @@ from shotstream_jax import context as context_lib
 from shotstream_jax import text as text_lib
 from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.io import video as video_io
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import vae as vae_lib
@@ -150,11 +151,6 @@ def _text(x) -> str:
   return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
-def _to_unit(frames: np.ndarray) -> jax.Array:
-  """uint8 [..., 3] -> float32 in [-1, 1], as the reference normalises (x / 255 * 2 - 1)."""
-  return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
-
-
 def example_id(ex: dict, index: int) -> str:
   for key in ('story_id', 'video_path'):
     if key in ex:
@@ -188,7 +184,7 @@ def encode_example(ex: dict, encoders: Encoders, context_frames: int, index: int
   tf = vae_lib.temporal_factor(encoders.vae.cfg)
   for s in range(num_shots):
     n = (int(shot_frames[s]) - 1) // tf * tf + 1     # the reference keeps the first 4k+1 frames
-    clip = _to_unit(frames[starts[s]:starts[s] + n])[None]
+    clip = video_io.to_unit(frames[starts[s]:starts[s] + n])[None]
     z = np.asarray(encoders.encode_clip(encoders.vae_params, clip)[0])
     latents.append(z)
     latent_shot.append(np.full(len(z), s, np.int32))
@@ -230,7 +226,7 @@ def _encode_frames(encoders: Encoders, frames: np.ndarray, group: int) -> np.nda
   for i in range(0, len(frames), group):
     chunk = frames[i:i + group]
     padded = np.concatenate([chunk, np.zeros((group - len(chunk),) + chunk.shape[1:], np.uint8)])
-    z = encoders.encode_images(encoders.vae_params, _to_unit(padded))
+    z = encoders.encode_images(encoders.vae_params, video_io.to_unit(padded))
     out.append(np.asarray(z[:len(chunk), 0]))
   return np.concatenate(out)
 

@@ -20,6 +20,18 @@ class VideoError(IOError):
   """A video that is missing, unreadable, corrupt, or shorter than asked for."""
 
 
+def to_unit(frames):
+  """uint8 RGB -> float32 in [-1, 1], as the reference normalises (x / 255 * 2 - 1)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(frames) -> np.ndarray:
+  """[-1, 1] floats -> uint8 RGB, as the reference writes (x * 0.5 + 0.5, clamped, * 255)."""
+  x = np.clip(np.asarray(frames, np.float32) * 0.5 + 0.5, 0.0, 1.0)
+  return np.round(x * 255.0).astype(np.uint8)
+
+
 def probe_video(path: str) -> dict:
   """ffmpeg's metadata for `path`: at least 'size' (W, H), 'fps', 'duration' when known."""
   _check_exists(path)

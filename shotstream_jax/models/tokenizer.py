@@ -182,6 +182,36 @@ def _has(module: str) -> bool:
     return False
 
 
+def train_sentencepiece(sentences: Sequence[str], folder: str, vocab_size: int,
+                        model_type: str = 'bpe', extra_ids: int = 0) -> str:
+  """Trains a SentencePiece vocabulary and writes a tokenizer folder laid out like
+  google/umt5-xxl (spiece.model + tokenizer_config.json; pad 0, eos 1, unk 2, no BOS), so
+  `UMT5Tokenizer(folder)` reads it exactly as it reads the real one. Returns the folder.
+
+  Deterministic for the same sentences and settings (one thread). `vocab_size` is an upper
+  bound: a small corpus may support fewer pieces (the trained size is `get_piece_size()`).
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  sentences = [s for s in sentences if s.strip()]
+  if not sentences:
+    raise ValueError('sentences: nothing to train a vocabulary on')
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+      hard_vocab_limit=False, split_digits=True, num_threads=1, minloglevel=2)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, 'spiece.model'), 'wb') as f:
+    f.write(model.getvalue())
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(dict(tokenizer_class='T5Tokenizer', eos_token='</s>', pad_token='<pad>',
+                   unk_token='<unk>', extra_ids=extra_ids,
+                   additional_special_tokens=[f'<extra_id_{i}>' for i in range(extra_ids)]),
+              f, indent=1)
+  return folder
+
+
 class HashTokenizer(_PaddedTokenizer):
   """Words and punctuation hashed into the vocabulary (pad 0, eos 1, unk 2, words 3..V-1).
 

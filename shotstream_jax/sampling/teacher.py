@@ -34,17 +34,47 @@ class FrameConcat:
   frame_caption: jax.Array
 
 
-def frameconcat_velocity(model_cfg, params, cond: FrameConcat, x_t, t, text):
+def frameconcat_velocity(model_cfg, params, cond: FrameConcat, x_t, t, text=None, text_kv=None):
   """Velocity of the target frames x_t [B, F, h, w, C] at timesteps t [B] (shared by all frames,
-  context included); text [N, L, text_dim] rows that `cond.frame_caption` indexes."""
+  context included); text [N, L, text_dim] rows that `cond.frame_caption` indexes, or their
+  cross-attention K/V (`dit.WanTextKV`)."""
   b, cf = cond.ctx_latents.shape[:2]
   f = x_t.shape[1]
   latents = jnp.concatenate([cond.ctx_latents.astype(x_t.dtype), x_t], axis=1)
   ts = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1, 1), (b, cf + f))
   v = dit.WanDiT(model_cfg).apply(
       {'params': params}, latents, ts, text, frame_pos=jnp.arange(cf + f),
-      frame_shot=cond.frame_shot, frame_caption=cond.frame_caption)
+      frame_shot=cond.frame_shot, frame_caption=cond.frame_caption, text_kv=text_kv)
   return v[:, cf:]
+
+
+def guided_velocity_fn(model_cfg, params, cond: FrameConcat, text=None, uncond_text=None,
+                       text_kv=None, uncond_kv=None) -> Callable:
+  """fn(x_t [B, F, ...], t [B]) -> (v_cond, v_uncond) in ONE DiT call on a 2B batch.
+
+  The unconditional half routes every frame to row 0 of `uncond_text` (or `uncond_kv`), the
+  negative or empty prompt; its rows are appended to the caption table. Same numbers as two
+  calls (`frameconcat_velocity` with `cond`, then with `uncond_routing(cond)`), with larger
+  matmuls: CFG costs one pass per step instead of two.
+  """
+  if (text is None) == (text_kv is None):
+    raise ValueError('text: pass the caption rows or their K/V, not both')
+  rows = text.shape[0] if text is not None else text_kv[0].shape[1]
+  both = FrameConcat(
+      jnp.concatenate([cond.ctx_latents, cond.ctx_latents]),
+      jnp.concatenate([cond.frame_shot, cond.frame_shot]),
+      jnp.concatenate([cond.frame_caption, jnp.full_like(cond.frame_caption, rows)]))
+  table = None if text is None else jnp.concatenate([text, uncond_text.astype(text.dtype)])
+  kv = None if text_kv is None else tuple(
+      jnp.concatenate([a, b.astype(a.dtype)], axis=1) for a, b in zip(text_kv, uncond_kv))
+  b = cond.ctx_latents.shape[0]
+
+  def fn(x, t):
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
+    v = frameconcat_velocity(model_cfg, params, both, jnp.concatenate([x, x]),
+                             jnp.concatenate([t, t]), table, kv)
+    return v[:b], v[b:]
+  return fn
 
 
 def uncond_routing(cond: FrameConcat) -> FrameConcat:
@@ -92,7 +122,8 @@ def euler_cfg(velocity_fn: Callable, noise, guidance: float = 6.0, num_steps: in
   def step(carry, inputs):
     x, saved = carry
     t, s_now, s_next, k = inputs
-    saved = saved.at[k].set(x, mode='drop')
+    if save_steps:
+      saved = saved.at[k].set(x, mode='drop')
     v_cond, v_uncond = velocity_fn(x, jnp.full((b,), t, jnp.float32))
     v = v_uncond + guidance * (v_cond - v_uncond)
     return (x + (s_next - s_now) * v, saved), None
@@ -113,13 +144,44 @@ def ode_pairs(model_cfg, params, noise, cond: FrameConcat, text, uncond_text,
   layout of the reference's ODE files (`0_input, 13_input, 25_input, 37_input, pred_x0`).
   `uncond_text` is the negative prompt's [1, L, text_dim] rows (every frame attends to it).
   """
-  uncond = uncond_routing(cond)
-
-  def velocity_fn(x, t):
-    return (frameconcat_velocity(model_cfg, params, cond, x, t, text),
-            frameconcat_velocity(model_cfg, params, uncond, x, t, uncond_text))
-
+  velocity_fn = guided_velocity_fn(model_cfg, params, cond, text, uncond_text)
   saved, x0 = euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
   ts, _ = euler_grid(num_steps, shift)
   times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
   return jnp.concatenate([saved, x0[:, None]], axis=1), times
+
+
+class TeacherSampler:
+  """The bidirectional teacher as a shot sampler of the pipeline (`shot(params, plan, key)`, as
+  `causal.CausalSampler`): all target frames at once, `num_steps` Euler steps with CFG over
+  [context | target], the caption routing of the plan; uncond = every frame on `uncond_text`.
+
+  For evaluation (the 50-step reference the student is distilled from); it does not stream.
+  """
+
+  def __init__(self, model_cfg, sampling_cfg, latent_hw, uncond_text, guidance: float,
+               num_steps: int = 50):
+    self.model_cfg = model_cfg
+    self.latent_hw = tuple(latent_hw)
+    self.num_frames = sampling_cfg.shot_latent_frames
+    self.num_chunks = 1
+    self.shift = sampling_cfg.shift
+    self.num_train_timesteps = sampling_cfg.num_train_timesteps
+    self.uncond_text = jnp.asarray(uncond_text, jnp.float32)[None]    # [1, L, text_dim]
+    self.guidance = float(guidance)
+    self.num_steps = int(num_steps)
+    euler_grid(self.num_steps)
+
+  def shot(self, params, plan, key):
+    b = plan.gen_shot.shape[0]
+    f = self.num_frames
+    gen = lambda a: jnp.broadcast_to(a[:, None], (b, f))
+    cond = FrameConcat(plan.ctx_latents, jnp.concatenate([plan.ctx_shot, gen(plan.gen_shot)], 1),
+                       jnp.concatenate([plan.ctx_caption, gen(plan.gen_caption)], 1))
+    m = self.model_cfg
+    uncond_kv = dit.WanTextKV(m).apply({'params': params}, self.uncond_text)
+    velocity_fn = guided_velocity_fn(m, params, cond, text_kv=plan.text_kv, uncond_kv=uncond_kv)
+    noise = jax.random.normal(key, (b, f) + self.latent_hw + (m.in_channels,), jnp.float32)
+    _, x0 = euler_cfg(velocity_fn, noise, self.guidance, self.num_steps, self.shift, (),
+                      self.num_train_timesteps)
+    return x0

@@ -14,11 +14,14 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import precompute as pc
 
 SOURCES = ('storyworld', 'precomputed')
+NEGATIVES = ('auto', 'precomputed', 'zeros')
 
 
 def make_iterator(source, transform: Callable, *, batch_size: int, read_threads: int = 2,
@@ -71,17 +74,68 @@ def prepare(data_cfg, config, workdir: str):
         raise ValueError(f'data.{field}: required with data.source=precomputed (a folder '
                          'written by launch/precompute.py)')
     return data_cfg.train_dir, data_cfg.heldout_dir
-  root = data_cfg.dir or os.path.join(workdir, 'data')
+  root = data_root(data_cfg, workdir)
   dirs = tuple(os.path.join(root, split) for split in ('train', 'heldout'))
   if all(os.path.exists(os.path.join(d, pc.META_FILE)) for d in dirs) and \
      all(_complete(d) for d in dirs):
     return dirs
+  sources, name = storyworld_sources(data_cfg.storyworld, root)
   if jax.process_index() == 0:
-    _build_storyworld(data_cfg, config, root, dirs)
+    _encode_storyworld(data_cfg, config, sources, name, dirs)
+  _sync('storyworld prepared')
+  return dirs
+
+
+def negative_text(mode: str, train_dir: str, text_len: int, text_dim: int,
+                  field: str) -> np.ndarray:
+  """The unconditional text rows [text_len, text_dim] of classifier-free guidance.
+
+  'precomputed': the negative prompt's embedding stored by precompute (the reference: Wan's
+  negative prompt); 'zeros': a zero embedding (what prompt dropout trains a from-scratch
+  teacher on); 'auto': precomputed when the shards hold it, else zeros. `field` names the
+  config field in errors.
+  """
+  if mode not in NEGATIVES:
+    raise ValueError(f'{field}: unknown {mode!r}; accepted: {", ".join(NEGATIVES)}')
+  have = os.path.exists(os.path.join(train_dir, pc.NEGATIVE_FILE))
+  if mode == 'precomputed' and not have:
+    raise ValueError(f'{field}: precomputed, but {train_dir} has no {pc.NEGATIVE_FILE}; use '
+                     'auto or zeros')
+  if mode == 'zeros' or not have:
+    return np.zeros((text_len, text_dim), np.float32)
+  return pc.PrecomputedSource(train_dir).negative().astype(np.float32)
+
+
+def latent_stats(train_dir: str, max_examples: int = 256):
+  """(mean, variance) per latent channel over the first examples of precomputed shards."""
+  source = pc.PrecomputedSource(train_dir, pad_text=False)
+  latents = [np.asarray(source[i]['latents'], np.float64)
+             for i in range(min(max_examples, len(source)))]
+  z = np.concatenate([x.reshape(-1, x.shape[-1]) for x in latents])
+  return (jnp.asarray(z.mean(0), jnp.float32), jnp.asarray(z.var(0), jnp.float32))
+
+
+def data_root(data_cfg, workdir: str) -> str:
+  """Where source='storyworld' data lives: `data.dir`, default <workdir>/data."""
+  return data_cfg.dir or os.path.join(workdir, 'data')
+
+
+def storyworld_sources(storyworld_cfg, root: str):
+  """({'train', 'heldout'} random-access sources of StoryWorld *pixels*, builder name): the
+  tfds builder sized by `storyworld_cfg` (configs/data.py), built under <root>/tfds on first
+  use and reused after. What stage 0 (the VAE) trains on and what precompute encodes."""
+  from shotstream_jax.data import storyworld_builder  # pylint: disable=g-import-not-at-top
+  builder = storyworld_builder.StoryWorld(cfg=storyworld_cfg, data_dir=os.path.join(root, 'tfds'))
+  if jax.process_index() == 0:
+    builder.download_and_prepare()
+  _sync('storyworld pixels prepared')
+  return builder.as_data_source(), builder.builder_config.name
+
+
+def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('storyworld prepared')
-  return dirs
+    multihost_utils.sync_global_devices(name)
 
 
 def _complete(out_dir: str) -> bool:
@@ -92,15 +146,12 @@ def _complete(out_dir: str) -> bool:
     return False
 
 
-def _build_storyworld(data_cfg, config, root, dirs):
+def _encode_storyworld(data_cfg, config, sources, name, dirs):
+  """Precompute StoryWorld with the preset's VAE / umT5 at random weights (`tiny` only)."""
   # pylint: disable=g-import-not-at-top
   from shotstream_jax import text as text_lib
-  from shotstream_jax.data import storyworld_builder
   from shotstream_jax.models import random_init, tokenizer
   from shotstream_jax.models import vae as vae_lib
-  builder = storyworld_builder.StoryWorld(cfg=data_cfg.storyworld,
-                                          data_dir=os.path.join(root, 'tfds'))
-  builder.download_and_prepare()
   vae = vae_lib.WanVAE(config.vae)
   seed = data_cfg.encoder_seed
   text_params = random_init.embedded_text(config.text, seed)
@@ -109,8 +160,6 @@ def _build_storyworld(data_cfg, config, root, dirs):
       vae, random_init.embedded_vae(config.vae, seed),
       text_lib.PromptEncoder(text_params, config.text, tok),
       {'vae': f'embedded(seed={seed})', 'text': f'embedded(seed={seed})', 'tokenizer': 'hash'})
-  sources = builder.as_data_source()
   for split, out in zip(('train', 'heldout'), dirs):
     pc.precompute(sources[split], out, encoders, context_frames=config.model.context_frames,
-                  source_name=f'storyworld/{builder.builder_config.name}:{split}',
-                  progress=False)
+                  source_name=f'storyworld/{name}:{split}', progress=False)

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shotstream_jax.data import precompute as pc
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
@@ -58,7 +57,6 @@ from shotstream_jax.training import train_loop
 
 sg = jax.lax.stop_gradient
 DMD_STAGES = ('dmd_intra', 'dmd_inter')
-NEGATIVES = ('auto', 'precomputed', 'zeros')
 ROLES = ('generator', 'critic')
 
 
@@ -153,8 +151,6 @@ class DmdStage:
       raise ValueError(f'dmd.min_timestep/max_timestep: need 0 <= min < max <= '
                        f'{config.sampling.num_train_timesteps}, got {d.min_timestep}, '
                        f'{d.max_timestep}')
-    if d.negative not in NEGATIVES:
-      raise ValueError(f'dmd.negative: unknown {d.negative!r}; accepted: {", ".join(NEGATIVES)}')
     if self.inter and d.num_shots < 1:
       raise ValueError(f'dmd.num_shots: must be >= 1, got {d.num_shots}')
     for role in ROLES:
@@ -177,7 +173,8 @@ class DmdStage:
         real_guidance=float(d.real_guidance))
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     self._random_init = None
-    self.uncond_text = jnp.asarray(self._negative())[None]      # [1, L, text_dim]
+    self.uncond_text = jnp.asarray(data_lib.negative_text(
+        d.negative, self.train_dir, m.text_len, m.text_dim, 'dmd.negative'))[None]   # [1, L, D]
     if self.inter:
       self._example = functools.partial(story_example, num_shots=d.num_shots)
     else:
@@ -186,16 +183,6 @@ class DmdStage:
           target_shot=d.target_shot, latent_hw=self.latent_hw)
 
   # ------------------------------------------------------------------ setup
-
-  def _negative(self) -> np.ndarray:
-    mode, m = self.config.dmd.negative, self.config.model
-    have = os.path.exists(os.path.join(self.train_dir, pc.NEGATIVE_FILE))
-    if mode == 'precomputed' and not have:
-      raise ValueError(f'dmd.negative: precomputed, but {self.train_dir} has no '
-                       f'{pc.NEGATIVE_FILE}; use auto or zeros')
-    if mode == 'zeros' or not have:
-      return np.zeros((m.text_len, m.text_dim), np.float32)
-    return pc.PrecomputedSource(self.train_dir).negative().astype(np.float32)
 
   def boxed_shapes(self):
     dit_boxed = sharding_lib.dit_boxed_shapes(self.config.model)
@@ -391,9 +378,10 @@ class DmdStage:
         gen = sg(merged_params(self.config, params))
         k_roll, _ = jax.random.split(k_gen)
         shots = sg(self._rollout(gen, batch, k_roll, params.get('vae')))
-        zero = jnp.zeros((), jnp.float32)
+        unmeasured = jnp.full((), jnp.nan, jnp.float32)   # left out of the logged means
         return (jax.tree.map(jnp.zeros_like, params[gen_net]), shots,
-                {'dmd_loss': zero, 'dmd_grad_abs_mean': zero, 'generator_loss': zero})
+                {'dmd_loss': unmeasured, 'dmd_grad_abs_mean': unmeasured,
+                 'generator_loss': unmeasured})
 
       g_grads, shots, metrics = jax.lax.cond(is_gen, generator_branch, sample_branch, None)
       (c_loss, c_aux), c_grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
@@ -407,7 +395,8 @@ class DmdStage:
       inner = dict(opt_state.inner_states)
       inner[gen_net] = _tree_where(is_gen, inner[gen_net], state.opt_state.inner_states[gen_net])
       opt_state = opt_state._replace(inner_states=inner)
-      metrics = dict(metrics, **c_aux, loss=c_loss + metrics['generator_loss'],
+      metrics = dict(metrics, **c_aux,
+                     loss=c_loss + jnp.where(is_gen, metrics['generator_loss'], 0.0),
                      generator_step=is_gen.astype(jnp.float32))
       metrics[f'grad_norm/{gen_net}'] = optax.tree.norm(g_grads)
       metrics[f'grad_norm/{critic_net}'] = optax.tree.norm(c_grads)

@@ -140,3 +140,23 @@ def restore_networks(path: str, networks, field: str = '--workdir') -> dict:
     out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   return out['params']
+
+
+def check_run_config(path: str, config, field: str = '--ckpt'):
+  """Raise if a training workdir was trained at other model or shot sizes than `config`
+  (the networks would load, then generate at sizes they never saw), naming the flags to pass.
+  Paths that are not workdirs of ours (files, orbax dirs) are not checked."""
+  import json  # pylint: disable=g-import-not-at-top
+  run = os.path.join(os.path.abspath(os.path.expanduser(path)), 'config.json')
+  if not os.path.isfile(run):
+    return
+  with open(run) as f:
+    saved = json.load(f)
+  fields = [('model', k) for k in ('dim', 'num_layers', 'num_heads', 'ffn_dim', 'text_dim',
+                                   'chunk_frames', 'context_frames')]
+  fields += [('sampling', k) for k in ('height', 'width', 'shot_latent_frames')]
+  bad = [f'--config.{sec}.{k}={saved[sec][k]}' for sec, k in fields
+         if sec in saved and k in saved[sec] and saved[sec][k] != config[sec][k]]
+  if bad:
+    raise ValueError(f'{field}: {path} was trained with other sizes than this --config; pass '
+                     + ' '.join(bad))

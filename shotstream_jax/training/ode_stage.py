@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shotstream_jax.data import precompute as pc
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax.training import data as data_lib
@@ -68,7 +67,8 @@ def make_example(record, rng: np.random.Generator, *, negative: np.ndarray, cont
 
 
 def conditioning(batch, target_frames: int):
-  """(cond, text, uncond, uncond_text) for a batch: caption tables flattened over the batch."""
+  """(cond, text, uncond_text) for a batch: caption tables flattened over the batch; the
+  negative prompt (the same in every example) as a 1-row table."""
   b, rows = batch['text'].shape[:2]
   shot, caption = batch['frame_shot'], batch['frame_caption']
   widen = lambda a: jnp.concatenate(
@@ -76,25 +76,19 @@ def conditioning(batch, target_frames: int):
   cond = teacher_lib.FrameConcat(ctx_latents=batch['ctx_latents'], frame_shot=widen(shot),
                                  frame_caption=widen(caption) + rows * jnp.arange(b)[:, None])
   text = batch['text'].reshape((b * rows,) + batch['text'].shape[2:])
-  neg = batch['negative']
-  uncond = cond.replace(frame_caption=jnp.broadcast_to(
-      neg.shape[1] * jnp.arange(b)[:, None], cond.frame_caption.shape))
-  return cond, text, uncond, neg.reshape((b * neg.shape[1],) + neg.shape[2:])
+  return cond, text, batch['negative'][0]
 
 
 def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: float,
              num_steps: int, shift: float, save_steps):
   """(loss, metrics): teacher trajectory from fresh noise, then the student's ODE regression."""
   k_noise, k_idx = jax.random.split(key)
-  cond, text, uncond, uncond_text = conditioning(batch, target_frames)
+  cond, text, uncond_text = conditioning(batch, target_frames)
   ctx = batch['ctx_latents']
   noise = jax.random.normal(k_noise, (ctx.shape[0], target_frames) + ctx.shape[2:], ctx.dtype)
   teacher = jax.lax.stop_gradient(params[TEACHER])
 
-  def velocity_fn(x, t):
-    return (teacher_lib.frameconcat_velocity(model_cfg, teacher, cond, x, t, text),
-            teacher_lib.frameconcat_velocity(model_cfg, teacher, uncond, x, t, uncond_text))
-
+  velocity_fn = teacher_lib.guided_velocity_fn(model_cfg, teacher, cond, text, uncond_text)
   saved, x0 = teacher_lib.euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
   ts, _ = teacher_lib.euler_grid(num_steps, shift)
   times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
@@ -135,7 +129,8 @@ class OdeInitStage:
     self._check_frozen(config)
     self.model = dit.WanDiT(config.model)
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
-    negative = pc.PrecomputedSource(self.train_dir).negative()
+    negative = data_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
+                                      config.model.text_dim, 'ode.negative')
     self._example = functools.partial(
         make_example, negative=negative, context_frames=config.model.context_frames,
         target_shot=oc.target_shot)

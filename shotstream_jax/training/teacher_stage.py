@@ -82,10 +82,24 @@ def make_example(record, rng: np.random.Generator, *, context_frames: int, targe
   }
 
 
+def linear_baseline(x0, noise, sigma, mean, var):
+  """Per-frame MSE [B, F] of the best *linear* predictor of v = noise - x0 from x_t that knows
+  only the data's per-channel mean and variance (x0 ~ N(mean, var) per channel): the floor any
+  trained teacher must beat (a teacher above it has learned nothing about the content)."""
+  s = sigma[:, None, None, None, None]
+  x_t = (1.0 - s) * x0 + s * noise
+  gain = (s - (1.0 - s) * var) / ((1.0 - s) ** 2 * var + s * s)
+  v_hat = -mean + gain * (x_t - (1.0 - s) * mean)
+  return jnp.mean(jnp.square(v_hat - (noise - x0)), axis=(2, 3, 4))
+
+
 def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, weights,
               context_dropout: float = 0.0, prompt_dropout: float = 0.0,
-              num_train_timesteps: int = 1000):
-  """(weighted loss, metrics) of a teacher batch; all randomness from `key`."""
+              num_train_timesteps: int = 1000, latent_stats=None):
+  """(weighted loss, metrics) of a teacher batch; all randomness from `key`.
+
+  `latent_stats` (per-channel mean, variance) adds `baseline_mse`: `linear_baseline` on the
+  same draws, for comparison with `flow_mse`."""
   x0 = batch['latents']
   b, f = x0.shape[:2]
   k_t, k_n, k_c, k_p = jax.random.split(key, 4)
@@ -119,7 +133,12 @@ def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, we
   mask = batch['target_mask']
   per_example = jnp.sum(err * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
   loss = jnp.mean(w * per_example)
-  return loss, {'flow_mse': jnp.mean(per_example), 'timestep': jnp.mean(sigma) * 1000.0}
+  metrics = {'flow_mse': jnp.mean(per_example), 'timestep': jnp.mean(sigma) * 1000.0}
+  if latent_stats is not None:
+    base = linear_baseline(x0, noise, sigma, *latent_stats)
+    metrics['baseline_mse'] = jnp.mean(
+        jnp.sum(base * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+  return loss, metrics
 
 
 class TeacherStage:
@@ -140,6 +159,7 @@ class TeacherStage:
     if tc.target_frames < 1:
       raise ValueError(f'teacher.target_frames: must be >= 1, got {tc.target_frames}')
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
+    self.latent_stats = data_lib.latent_stats(self.train_dir)
     self._example = functools.partial(
         make_example, context_frames=config.model.context_frames,
         target_frames=tc.target_frames, target_shot=tc.target_shot)
@@ -168,8 +188,8 @@ class TeacherStage:
                       prompt_dropout=tc.prompt_dropout)
 
   def eval_metrics(self, params, batch, key):
-    loss, aux = self._loss(params['teacher'], batch, key)
-    return {'loss': loss, 'flow_mse': aux['flow_mse']}
+    loss, aux = self._loss(params['teacher'], batch, key, latent_stats=self.latent_stats)
+    return {'loss': loss, 'flow_mse': aux['flow_mse'], 'baseline_mse': aux['baseline_mse']}
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
     return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,

@@ -42,12 +42,14 @@ from shotstream_jax.training import sharding as sharding_lib
 
 # config.stage -> 'module:Class' (imported lazily, so stages are independent files).
 STAGES = {
+    'vae': 'shotstream_jax.training.vae_stage:VaeStage',
     'teacher': 'shotstream_jax.training.teacher_stage:TeacherStage',
     'ode_init': 'shotstream_jax.training.ode_stage:OdeInitStage',
     'dmd_intra': 'shotstream_jax.training.dmd_stage:DmdStage',
     'dmd_inter': 'shotstream_jax.training.dmd_stage:DmdStage',
 }
 FROZEN = 'frozen'
+CONFIG_FILE = 'config.json'   # the run's config, written into its workdir
 
 
 @flax.struct.dataclass
@@ -87,8 +89,17 @@ def param_labels(params, optim_cfg) -> Any:
 
 
 def learning_rate(cfg) -> optax.Schedule:
+  """Linear warm-up over `warmup_steps`, then constant, or with `decay_steps` > 0 a cosine
+  decay to `lr * final_lr_fraction` at step `decay_steps`."""
   if cfg.warmup_steps < 0:
     raise ValueError(f'optim.warmup_steps: must be >= 0, got {cfg.warmup_steps}')
+  decay = cfg.get('decay_steps', 0)
+  if decay:
+    if decay <= cfg.warmup_steps:
+      raise ValueError(f'optim.decay_steps: must exceed warmup_steps ({cfg.warmup_steps}), '
+                       f'got {decay}')
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay,
+                                              cfg.lr * cfg.get('final_lr_fraction', 0.0))
   if cfg.warmup_steps == 0:
     return optax.constant_schedule(cfg.lr)
   return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
@@ -145,13 +156,29 @@ def guarded(step_fn: Callable) -> Callable:
   """
   def step(state: TrainState, batch):
     new, metrics = step_fn(state, batch)
-    checks = [v for k, v in metrics.items() if k == 'loss' or k.startswith('grad_norm/')]
+    checks = [v for k, v in metrics.items() if _guarded_key(k)]
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checks]))
     new = new.replace(params=_tree_where(ok, new.params, state.params),
                       opt_state=_tree_where(ok, new.opt_state, state.opt_state),
                       step=state.step + 1)
     return new, dict(metrics, finite=ok.astype(jnp.float32))
   return step
+
+
+def _guarded_key(name: str) -> bool:
+  return name == 'loss' or name.startswith('grad_norm/')
+
+
+def window_means(window) -> Dict[str, float]:
+  """Each metric's mean over the steps since the last log line. A step reports NaN for a
+  metric it did not measure (DMD's generator metrics on critic-only steps); those steps are
+  left out of that metric's mean (a metric no step measured is not logged)."""
+  out = {}
+  for key in window[-1]:
+    values = np.asarray([m[key] for m in window if key in m], np.float64)
+    if _guarded_key(key) or not np.all(np.isnan(values)):
+      out[key] = float(np.mean(values) if _guarded_key(key) else np.nanmean(values))
+  return out
 
 
 # ----------------------------------------------------------------------------- setup
@@ -222,6 +249,9 @@ def train(config, workdir: str, *, stage=None,
   """
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:   # what generation needs to run this workdir's networks
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_rules(config)
   stage = stage or get_stage(config, workdir)
@@ -278,7 +308,7 @@ def train(config, workdir: str, *, stage=None,
     evaluate(0)
   bar = tqdm.tqdm(total=tc.num_steps, initial=start, desc=f'train {config.stage}',
                   disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True)
-  skipped, t0 = 0, time.time()
+  skipped, t0, window = 0, time.time(), []
   step = start
   try:
     while step < tc.num_steps:
@@ -294,7 +324,7 @@ def train(config, workdir: str, *, stage=None,
       state, metrics = jitted(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not metrics['finite']:
-        bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+        bad = {k: v for k, v in metrics.items() if not np.isfinite(v) and _guarded_key(k)}
         if not tc.skip_nonfinite:
           raise NonFiniteError(f'train: non-finite loss or gradient at step {step} ({bad}); '
                                'the step was not applied; set train.skip_nonfinite=True to '
@@ -304,10 +334,14 @@ def train(config, workdir: str, *, stage=None,
       metrics['skipped_steps'] = skipped
       if step_hook is not None:
         step_hook(step, state, metrics)
+      window.append(metrics)
       if step % tc.log_every == 0 or step == tc.num_steps:
-        metrics['steps_per_sec'] = (step - start) / max(time.time() - t0, 1e-9)
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f'{metrics["loss"]:.4f}')
+        logged = window_means(window)
+        logged['skipped_steps'] = skipped
+        logged['steps_per_sec'] = (step - start) / max(time.time() - t0, 1e-9)
+        writer.write(step, logged)
+        bar.set_postfix(loss=f'{logged["loss"]:.4f}')
+        window = []
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
         ev = evaluate(step)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))

@@ -1,0 +1,250 @@
+"""The whole method from nothing: StoryWorld pixels -> stage 0 (VAE) -> text -> precompute ->
+stages 1-4 -> the shipped model -> evaluation. `launch/reproduce.py` is its command line.
+
+    times = run_chain(root='out/storyworld', preset='storyworld')
+
+Every step writes into its own folder under `root` and is skipped once its result exists, so
+rerunning after a kill continues where it stopped (the training stages resume inside a step
+from their last complete checkpoint). `root/chain.json` records each step's wall time.
+
+    data/        StoryWorld pixels (tfds, array_record)
+    vae/         stage 0 workdir                 export/vae.safetensors  (+ .stats.json)
+    export/tokenizer/, export/text.safetensors   SentencePiece vocabulary, frozen umT5
+    precomputed/{train,heldout}/                 latents, context candidates, umT5 rows
+    teacher/ ode/ dmd_intra/ dmd_inter/          stages 1-4 workdirs
+    model/       the trained model directory (shotstream_jax/embedded.py layout)
+
+`overrides` maps a step name to dotted config fields, e.g. {'teacher': {'train.num_steps': 5}};
+two more keys apply to every step: 'data' (fields of `data.storyworld`, e.g. num_train) and
+'model' (fields of the model config, e.g. model.num_layers; also the shipped model's config).
+`steps` limits the run to some steps (their inputs must exist).
+"""
+
+import importlib
+import json
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+import jax
+import numpy as np
+
+from shotstream_jax.data import precompute as pc
+from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax.models import random_init
+from shotstream_jax.models import tokenizer as tokenizer_lib
+from shotstream_jax.training import data as data_lib
+
+STEPS = ('vae', 'vae_export', 'text', 'precompute', 'teacher', 'ode', 'dmd_intra', 'dmd_inter',
+         'model')
+TRAIN_CONFIGS = {'vae': 'vae', 'teacher': 'teacher', 'ode': 'ode_init',
+                 'dmd_intra': 'dmd_intra', 'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
+TIMES = 'chain.json'
+# Every digit, so shot prompts past the training stories' shot counts ("shot7:") tokenise.
+DIGITS_LINE = ' '.join(f'shot{i}:' for i in range(10))
+
+
+class Chain:
+  """Paths and configs of one chain under `root` (see module docstring)."""
+
+  def __init__(self, root: str, preset: str = 'storyworld',
+               overrides: Optional[Dict[str, dict]] = None):
+    self.root = os.path.abspath(root)
+    self.preset = preset
+    self.overrides = overrides or {}
+    unknown = sorted(set(self.overrides) - set(STEPS) - {'data', 'model'})
+    if unknown:
+      raise ValueError(f'overrides: unknown step(s) {unknown}; accepted: data, model, '
+                       f'{", ".join(STEPS)}')
+    self.data_dir = self.path('data')
+    self.vae_file = self.path('export', 'vae.safetensors')
+    self.text_file = self.path('export', 'text.safetensors')
+    self.tokenizer_dir = self.path('export', 'tokenizer')
+    self.train_dir = self.path('precomputed', 'train')
+    self.heldout_dir = self.path('precomputed', 'heldout')
+    self.model_dir = self.path('model')
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.root, *parts)
+
+  def workdir(self, step: str) -> str:
+    return self.path(step)
+
+  def config(self, step: str):
+    """The training config of `step`, wired to this chain's data and earlier stages."""
+    c = importlib.import_module(f'configs.train.{TRAIN_CONFIGS[step]}').get_config(self.preset)
+    c.data.dir = self.data_dir
+    c.train.progress = True
+    if step != 'vae':
+      c.data.source = 'precomputed'
+      c.data.train_dir, c.data.heldout_dir = self.train_dir, self.heldout_dir
+    if step == 'ode':
+      c.ode.init_from = self.workdir('teacher')
+    elif step == 'dmd_intra':
+      c.dmd.teacher_init = self.workdir('teacher')
+      c.dmd.generator_init = self.workdir('ode')
+    elif step == 'dmd_inter':
+      c.dmd.teacher_init = self.workdir('teacher')
+      c.dmd.generator_init = self.workdir('dmd_intra')
+      c.dmd.critic_init = self.workdir('dmd_intra')
+      c.dmd.vae_path = self.vae_file
+    apply_overrides(c, self.overrides.get('model', {}))
+    apply_overrides(c.data.storyworld, self.overrides.get('data', {}))
+    return apply_overrides(c, self.overrides.get(step, {}))
+
+  def model_config(self):
+    """The model config (configs/shotstream.py) the chain's networks run under."""
+    from configs import shotstream  # pylint: disable=g-import-not-at-top
+    return apply_overrides(shotstream.get_config(self.preset), self.overrides.get('model', {}))
+
+  # ---------------------------------------------------------------- steps
+
+  def done(self, step: str) -> bool:
+    if step in TRAIN_CONFIGS:
+      return _finished(self.workdir(step), self.config(step).train.num_steps)
+    marker = {'vae_export': self.vae_file, 'text': self.text_file,
+              'precompute': os.path.join(self.heldout_dir, pc.META_FILE),
+              'model': os.path.join(self.model_dir, 'manifest.json')}[step]
+    if step == 'precompute':
+      return all(_complete(d) for d in (self.train_dir, self.heldout_dir))
+    return os.path.exists(marker)
+
+  def run(self, step: str):
+    if step in TRAIN_CONFIGS:
+      from shotstream_jax.training import train_loop  # pylint: disable=g-import-not-at-top
+      train_loop.train(self.config(step), self.workdir(step))
+    elif step == 'vae_export':
+      from shotstream_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
+      c = self.config('vae')
+      vae_stage.export_vae(c, self.workdir('vae'), self.vae_file, c.vae_train.stat_clips)
+    elif step == 'text':
+      self._text()
+    elif step == 'precompute':
+      self._precompute()
+    elif step == 'model':
+      self._model()
+    else:
+      raise ValueError(f'step: unknown {step!r}; accepted: {", ".join(STEPS)}')
+
+  def _text(self):
+    """A SentencePiece vocabulary of the training prompts, and the frozen random umT5."""
+    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
+    c = self.config('teacher')
+    sources, _ = data_lib.storyworld_sources(c.data.storyworld, self.data_dir)
+    lines = [DIGITS_LINE]
+    for ex in sources['train']:
+      g = _text(ex['global_caption'])
+      lines += [prompts_lib.shot_prompt(g, i, _text(cap))
+                for i, cap in enumerate(ex['shot_captions'])]
+    tokenizer_lib.train_sentencepiece(lines, self.tokenizer_dir, c.text.vocab_size)
+    tok = tokenizer_lib.UMT5Tokenizer(self.tokenizer_dir, c.text.text_len)
+    pieces = tok._sp.get_piece_size()  # pylint: disable=protected-access
+    if pieces != c.text.vocab_size:
+      raise ValueError(f'text.vocab_size: {c.text.vocab_size}, but the StoryWorld prompts '
+                       f'support {pieces} pieces; set text.vocab_size={pieces}')
+    params = random_init.embedded_text(c.text, c.seed)
+    tmp = self.text_file + '.tmp'
+    st_numpy.save_file(umt5_convert.umt5_to_torch(params, c.text), tmp)
+    os.replace(tmp, self.text_file)
+
+  def _precompute(self):
+    c = self.config('teacher')
+    encoders = pc.build_encoders(c, self.vae_file, self.text_file, self.tokenizer_dir)
+    sources, name = data_lib.storyworld_sources(c.data.storyworld, self.data_dir)
+    for split, out in (('train', self.train_dir), ('heldout', self.heldout_dir)):
+      pc.precompute(sources[split], out, encoders, context_frames=c.model.context_frames,
+                    source_name=f'storyworld/{name}:{split}')
+
+  def _model(self):
+    from shotstream_jax import embedded  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
+    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+    config = self.model_config()
+    dit = init_lib.load_network_params(self.workdir('dmd_inter'), 'generator', config.model,
+                                       field='dmd_inter')
+    text = umt5_convert.load_umt5(self.text_file, config.text)
+    manifest = {'made_by': 'launch/reproduce.py', 'preset': self.preset,
+                'steps': read_times(self.root), 'overrides': self.overrides}
+    embedded.write_model(self.model_dir, config, jax.device_get(dit), self.vae_file,
+                         jax.device_get(text), self.tokenizer_dir, manifest)
+
+
+def run_chain(root: str, preset: str = 'storyworld', overrides=None,
+              steps: Optional[Sequence[str]] = None, log=print) -> Dict[str, float]:
+  """Runs the chain's steps in order (skipping finished ones); returns {step: seconds}."""
+  chain = Chain(root, preset, overrides)
+  todo = list(steps or STEPS)
+  bad = [s for s in todo if s not in STEPS]
+  if bad:
+    raise ValueError(f'steps: unknown {bad}; accepted: {", ".join(STEPS)}')
+  os.makedirs(chain.root, exist_ok=True)
+  times = read_times(chain.root)
+  for step in STEPS:
+    if step not in todo:
+      continue
+    if chain.done(step):
+      log(f'chain: {step} done ({times.get(step, {}).get("seconds", 0):.0f}s), skipped')
+      continue
+    log(f'chain: {step} ...')
+    start = time.time()
+    chain.run(step)
+    seconds = time.time() - start
+    prev = times.get(step, {}).get('seconds', 0.0)   # earlier, killed attempts count too
+    times[step] = {'seconds': round(prev + seconds, 1), 'finished': time.strftime('%F %T')}
+    _write_times(chain.root, times)
+    log(f'chain: {step} finished in {seconds:.0f}s')
+  return {k: v['seconds'] for k, v in times.items()}
+
+
+def read_times(root: str) -> dict:
+  path = os.path.join(root, TIMES)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_times(root, times):
+  tmp = os.path.join(root, TIMES + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(times, f, indent=1)
+  os.replace(tmp, os.path.join(root, TIMES))
+
+
+def apply_overrides(config, overrides: dict):
+  """config with dotted fields set, e.g. {'train.num_steps': 5}; unknown fields raise."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      if p not in node:
+        raise ValueError(f'override {key}: no field {p!r}')
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'override {key}: no field {leaf!r}')
+    node[leaf] = value
+  return config
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+  from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+  ckpt = os.path.join(workdir, init_lib.CHECKPOINTS)
+  if not os.path.isdir(ckpt):
+    return False
+  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
+  return bool(steps) and max(steps) >= num_steps
+
+
+def _complete(out_dir: str) -> bool:
+  try:
+    pc.PrecomputedSource(out_dir)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+def _text(x) -> str:
+  if isinstance(x, np.ndarray):
+    x = x.item()
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)

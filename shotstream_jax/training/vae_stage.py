@@ -1,0 +1,240 @@
+"""Stage 0: train the Wan VAE (models/vae.py, at the preset's size) on StoryWorld pixels.
+
+The published chain starts from Wan's pretrained VAE; a preset trained from nothing needs its
+own. Every example gives two views of one shot of a story:
+  * `clip`: a random window of `vae_train.clip_frames` frames (4k+1) starting anywhere in the
+    shot. Short clips are cheap, so a batch holds many: they carry most of the learning, and
+    the first frame of each is the 1-frame path that encodes every context frame alone;
+  * `shot`: the whole shot from its first frame, exactly what precompute encodes and what
+    generation decodes. Trained on short clips alone the causal decoder drifts on later frames
+    (its receptive field then never leaves the zero padding of a clip's start), so the first
+    `vae_train.full_shots` examples of each batch also train on their whole shot.
+
+Loss: L1 + MSE between the decoded (unclipped) frames and the input in [-1, 1], averaged over
+all trained frames, plus `latent_l2 * mean(mu^2)` to keep the latent scale bounded (the role
+of the Wan VAE's KL term; like inference, we use mu only). Held-out metrics run the deployed
+path (chunked encode, decode clipped to [-1, 1]) on whole shots: PSNR and L1 in [0, 1] units.
+
+Init: the modules' torch-like init draws kernels with variance 1/(3 fan_in); at the small
+widths of a CPU preset that starts the RMS-normalised network on a long plateau, so kernels
+are scaled by `vae_train.init_gain` (sqrt 3: variance 1/fan_in).
+
+After training, `export_vae` measures the per-channel mean and std of mu on training shots and
+folds them into the 1x1x1 quant convs (`fold_latent_stats`), so the exported VAE emits
+normalised latents with a config whose `latent_mean` / `latent_std` are 0 / 1.
+"""
+
+import functools
+import json
+import os
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shotstream_jax.io.video import to_unit
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.training import data as data_lib
+
+VAE = 'vae'
+STATS_FILE = 'latent_stats.json'
+
+
+def shot_example(record, rng: np.random.Generator, *, frames_per_shot: int,
+                 clip_frames: int):
+  """A random shot of a StoryWorld story: {'shot': uint8 [F, H, W, 3] from its first frame,
+  'clip': a random window of `clip_frames` of it}."""
+  shot_index = np.asarray(record['shot_index'])
+  s = int(rng.integers(shot_index.max() + 1))
+  frames = np.asarray(record['frames'])[shot_index == s][:frames_per_shot]
+  if len(frames) != frames_per_shot:
+    raise ValueError(f'vae_train: shot {s} of example {record.get("story_id")} has '
+                     f'{len(frames)} frames, need {frames_per_shot}')
+  start = int(rng.integers(frames_per_shot - clip_frames + 1))
+  return {'shot': frames, 'clip': frames[start:start + clip_frames]}
+
+
+def _autoencode(vae, params, x):
+  """(mu, unclipped reconstruction) of whole clips x [B, T, H, W, 3]: one pass each way."""
+  def run(m, x):
+    h, _ = m.encoder(x, None, True)
+    mu = m.quant_conv(h)[0][..., :m.cfg.z_dim]
+    y, _ = m.decoder(m.post_quant_conv(mu)[0], None, True)
+    return mu, y
+  return vae.apply({'params': params}, x, method=run)
+
+
+def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, latent_l2: float,
+                        full_shots: int):
+  """Weighted L1 + MSE over every trained frame (the clips and `full_shots` whole shots)."""
+  del key
+  views = [to_unit(batch['clip'])]
+  if full_shots:
+    views.append(to_unit(batch['shot'][:full_shots]))
+  sums, frames, latent = {'l1': 0.0, 'mse': 0.0}, 0, []
+  for x in views:
+    mu, y = _autoencode(vae, params, x)
+    err = y.astype(jnp.float32) - x
+    n = x.shape[0] * x.shape[1]
+    sums['l1'] += jnp.mean(jnp.abs(err)) * n
+    sums['mse'] += jnp.mean(err * err) * n
+    frames += n
+    latent.append(jnp.mean(jnp.square(mu.astype(jnp.float32))))
+  l1_err, mse_err = sums['l1'] / frames, sums['mse'] / frames
+  latent = sum(latent) / len(latent)
+  loss = l1 * l1_err + mse * mse_err + latent_l2 * latent
+  return loss, {'l1': l1_err, 'mse': mse_err, 'latent_ms': latent,
+                'psnr_train': _psnr(mse_err / 4.0)}
+
+
+def _psnr(mse01):
+  return -10.0 * jnp.log10(jnp.maximum(mse01, 1e-10))
+
+
+def heldout_metrics(vae, params, batch):
+  """The deployed path: chunked encode and decode (clipped), metrics in [0, 1] units."""
+  x = to_unit(batch['shot'])
+  y = vae_lib.decode(vae, params, vae_lib.encode(vae, params, x))
+  err = (y - x) / 2.0
+  per_frame = jnp.mean(err * err, axis=(0, 2, 3, 4))
+  return {'psnr': _psnr(jnp.mean(err * err)), 'l1': jnp.mean(jnp.abs(err)),
+          'psnr_first_frame': _psnr(per_frame[0]), 'psnr_last_frame': _psnr(per_frame[-1])}
+
+
+class VaeStage:
+  """Stage 0 for train_loop.train: one network, 'vae'."""
+  networks = (VAE,)
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    vt = config.vae_train
+    if config.data.source != 'storyworld':
+      raise ValueError(f'data.source: the VAE stage trains on StoryWorld pixels; got '
+                       f'{config.data.source!r}, accepted: storyworld')
+    for name in ('l1', 'mse', 'latent_l2'):
+      if vt[name] < 0:
+        raise ValueError(f'vae_train.{name}: must be >= 0, got {vt[name]}')
+    if vt.l1 + vt.mse <= 0:
+      raise ValueError('vae_train.l1/mse: at least one reconstruction weight must be > 0')
+    if vt.init_gain <= 0:
+      raise ValueError(f'vae_train.init_gain: must be > 0, got {vt.init_gain}')
+    sw_cfg = config.data.storyworld
+    if not 1 <= vt.clip_frames <= sw_cfg.frames_per_shot or (vt.clip_frames - 1) % 4:
+      raise ValueError(f'vae_train.clip_frames: must be 4k+1 and at most '
+                       f'data.storyworld.frames_per_shot ({sw_cfg.frames_per_shot}), got '
+                       f'{vt.clip_frames}')
+    if not 0 <= vt.full_shots <= config.data.batch_size:
+      raise ValueError(f'vae_train.full_shots: must be in [0, data.batch_size = '
+                       f'{config.data.batch_size}], got {vt.full_shots}')
+    self.vae = vae_lib.WanVAE(config.vae)
+    self.sources, self.source_name = data_lib.storyworld_sources(
+        sw_cfg, data_lib.data_root(config.data, workdir))
+    self._example = functools.partial(shot_example, frames_per_shot=sw_cfg.frames_per_shot,
+                                      clip_frames=vt.clip_frames)
+    self.loss_fn = functools.partial(reconstruction_loss, self.vae, l1=vt.l1, mse=vt.mse,
+                                     latent_l2=vt.latent_l2, full_shots=vt.full_shots)
+
+  def boxed_shapes(self):
+    return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
+
+  def init_params(self, key, shardings):
+    gain = self.config.vae_train.init_gain
+
+    def init(k):
+      params = vae_lib.init_params(self.vae, k)
+      return jax.tree_util.tree_map_with_path(
+          lambda path, x: x * gain if path[-1].key == 'kernel' else x, params)
+    return {VAE: jax.jit(init, out_shardings=shardings[VAE])(key)}
+
+  def loss(self, params, batch, key):
+    return self.loss_fn(params[VAE], batch, key)
+
+  def eval_metrics(self, params, batch, key):
+    del key
+    return heldout_metrics(self.vae, params[VAE], batch)
+
+  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
+    d = self.config.data
+    return data_lib.make_iterator(self.sources['train'], self._example, batch_size=batch_size,
+                                  seed=d.seed, shuffle=d.shuffle, shard_index=shard_index,
+                                  shard_count=shard_count, read_threads=d.read_threads,
+                                  prefetch=d.prefetch)
+
+  def eval_batches(self, batch_size: int):
+    batches = list(data_lib.make_iterator(
+        self.sources['heldout'], self._example, batch_size=batch_size,
+        seed=self.config.train.eval_seed, shuffle=False, num_epochs=1,
+        shard_index=jax.process_index(), shard_count=jax.process_count(), read_threads=1,
+        prefetch=1))
+    limit = self.config.vae_train.eval_batches
+    return batches[:limit] if limit else batches
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def latent_stats(vae, params, clips) -> Dict[str, list]:
+  """Per-channel mean and std of (unnormalised) mu over uint8 clips [N, T, H, W, 3]."""
+  encode = jax.jit(lambda p, x: vae_lib.encode(vae, p, to_unit(x)))
+  total, total_sq, count = 0.0, 0.0, 0
+  for clip in clips:
+    z = np.asarray(encode(params, clip[None]), np.float64).reshape(-1, vae.cfg.z_dim)
+    total, total_sq, count = total + z.sum(0), total_sq + (z * z).sum(0), count + len(z)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
+  return {'mean': mean.tolist(), 'std': std.tolist(), 'latents': int(count)}
+
+
+def fold_latent_stats(params, mean, std):
+  """VAE params whose encoder emits (mu - mean) / std and whose decoder takes that back.
+
+  For a VAE config with identity normalisation (latent_mean 0, latent_std 1, as stage 0
+  trains): the quant convs are 1x1x1, i.e. linear, so folding is exact. With the returned
+  params, `encode` gives (mu - mean) / std and `decode(l)` equals the old `decode(l * std +
+  mean)`.
+  """
+  z = len(mean)
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  q = {k: np.array(v, np.float32) for k, v in params['quant_conv'].items()}
+  q['kernel'][..., :z] /= std                          # kernel [1, 1, 1, 2z, 2z]
+  q['bias'][:z] = (q['bias'][:z] - mean) / std
+  pq = {k: np.array(v, np.float32) for k, v in params['post_quant_conv'].items()}
+  pq['bias'] = pq['bias'] + mean @ pq['kernel'][0, 0, 0]   # (l * std + mean) @ P + c
+  pq['kernel'][0, 0, 0] *= std[:, None]
+  return dict(params, quant_conv=q, post_quant_conv=pq)
+
+
+def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dict[str, list]:
+  """Write the trained VAE of `workdir`, latent statistics folded in, as a Wan2.1-layout
+  safetensors file (`out_path`) plus `<out_path minus .safetensors>.stats.json`; returns the
+  measured stats. `num_clips` training shots (in order) measure them."""
+  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as st_numpy
+  from shotstream_jax.convert import vae as vae_convert
+  from shotstream_jax.training import init as init_lib
+  if not out_path.endswith('.safetensors'):
+    raise ValueError(f'out: must end with .safetensors, got {out_path}')
+  if np.any(np.asarray(config.vae.latent_mean) != 0) or np.any(
+      np.asarray(config.vae.latent_std) != 1):
+    raise ValueError('vae.latent_mean/latent_std: export folds measured statistics into a VAE '
+                     'trained with identity normalisation (0 / 1); this config has others')
+  params = init_lib.restore_networks(workdir, [VAE])[VAE]
+  vae = vae_lib.WanVAE(config.vae)
+  sources, _ = data_lib.storyworld_sources(config.data.storyworld,
+                                           data_lib.data_root(config.data, workdir))
+  example = functools.partial(shot_example, frames_per_shot=config.data.storyworld.frames_per_shot,
+                              clip_frames=1)
+  rng = np.random.default_rng(0)
+  n = min(num_clips, len(sources['train']))
+  clips = [example(sources['train'][i], rng)['shot'] for i in range(n)]
+  stats = latent_stats(vae, params, clips)
+  folded = fold_latent_stats(params, stats['mean'], stats['std'])
+  state = vae_convert.vae_to_torch(folded, config.vae)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = out_path + '.tmp'
+  st_numpy.save_file(state, tmp)
+  os.replace(tmp, out_path)
+  with open(out_path[:-len('.safetensors')] + '.stats.json', 'w') as f:
+    json.dump(dict(stats, measured_on=f'{n} training shots, mu before folding'), f, indent=1)
+  return stats

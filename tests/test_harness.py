@@ -1,0 +1,61 @@
+"""The StoryWorld harness end to end at a tiny size (random networks): every row, the long-story
+identity curve, speed, and the report files; the rows that must be near 1 are."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from configs import shotstream
+from shotstream_jax.data import prompts
+from shotstream_jax.eval import harness
+from shotstream_jax.models import random_init
+from shotstream_jax.models import tokenizer
+
+
+def _tiny_storyworld(tmp_path):
+  """The storyworld preset shrunk (1-layer DiT, base-4 VAE) with a vocabulary of its prompts."""
+  c = shotstream.get_config('storyworld')
+  c.model.update(dim=32, num_layers=1, num_heads=1, ffn_dim=64)
+  c.vae.base_dim = 4
+  lines = [prompts.shot_prompt(g, i, cap) for st in harness.held_out_stories(60, seed=5)
+           for g, caps in [st.captions()] for i, cap in enumerate(caps)]
+  tok = tokenizer.train_sentencepiece(lines + ['shot0: shot9:'], str(tmp_path / 'tok'),
+                                      c.text.vocab_size)
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  c.text.vocab_size = sentencepiece.SentencePieceProcessor(
+      model_file=os.path.join(tok, 'spiece.model')).get_piece_size()
+  dit = lambda s: random_init.embedded_dit(c.model, s)
+  return harness.Models(c, random_init.embedded_vae(c.vae, 0),
+                        random_init.embedded_text(c.text, 0), tok,
+                        {name: dit(i) for i, name in enumerate(harness.STUDENTS)}, dit(9),
+                        teacher_guidance=2.0, teacher_steps=2)
+
+
+def test_harness_end_to_end(tmp_path):
+  models = _tiny_storyworld(tmp_path)
+  ablations = ['global cache off', 'context budget 1']
+  result = harness.evaluate(models, num_stories=2, seed=0, ablations=ablations,
+                            long_stories=1, long_shots=3, progress=False, sheet_stories=2)
+  rows = result['rows']
+  want = (['ground truth', 'VAE round trip', 'teacher (2 Euler steps, CFG 2)']
+          + list(harness.STUDENTS) + [f'ablation: {a}' for a in ablations])
+  assert list(rows) == want
+  assert rows['ground truth']['overall'] > 0.95 and rows['ground truth']['found'] == 1.0
+  for name in want[1:]:   # random networks show no StoryWorld scene
+    assert rows[name]['identity'] < 0.2 and rows[name]['found'] < 0.2, name
+  assert set(result['identity_vs_first_shot']) == set(harness.STUDENTS[1:])
+  assert all(len(v) == 2 for v in result['identity_vs_first_shot'].values())
+  sp = result['speed']
+  assert sp['fps'] > 0 and sp['first_frame_latency_s'] > 0
+  assert all(n == 1 for k, n in sp['compile_counts'].items() if k != 'decode')
+  paths = harness.write_report(result, str(tmp_path / 'eval'))
+  with open(paths['json']) as f:
+    saved = json.load(f)
+  assert saved['rows'] == rows and 'sheet' not in saved
+  text = open(paths['md']).read()
+  assert '| ground truth |' in text and 'k=3' in text and 'FPS' in text
+  sheet = np.asarray(Image.open(paths['png']))
+  # 2 stories x 6 rows of 32x32 frames (x3, 1-pixel borders), 3 frames per shot.
+  assert sheet.shape[0] >= 2 * 6 * 34 * 3 and sheet.shape[2] == 3

@@ -1,0 +1,86 @@
+"""The shipped StoryWorld model (weights/storyworld, made by launch/reproduce.py): it is the
+embedded default, fits the repository, and what it generates beats fixed floors on the judge.
+
+The floors sit below the harness numbers in the README (32 stories) so that a 3-story sample
+passes with margin, and far above anything an untrained or broken model reaches (random
+networks score ~0 identity and adherence; tests/test_harness.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import shotstream
+from shotstream_jax import embedded
+from shotstream_jax import pipeline
+from shotstream_jax.data import prompts
+from shotstream_jax.eval import harness
+from shotstream_jax.eval import judge
+from shotstream_jax.io import video as video_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORY = os.path.join(REPO, 'configs', 'stories', 'storyworld.json')
+FLOORS = {'overall': 0.8, 'identity': 0.7, 'adherence': 0.7}   # means over the stories
+MAX_BYTES = 30 * 2 ** 20
+
+
+@pytest.fixture(scope='module')
+def pipe():
+  return pipeline.ShotStreamPipeline.embedded(shotstream.get_config('storyworld'))
+
+
+def test_shipped_files():
+  directory = embedded.model_dir(shotstream.get_config('storyworld'))
+  assert directory is not None, 'weights/storyworld is missing: run launch/reproduce.py --ship'
+  manifest = embedded.read_manifest(directory)
+  assert manifest['preset'] == 'storyworld'
+  assert sum(manifest['bytes'].values()) < MAX_BYTES
+  assert manifest['harness']['rows']['stage 4 student']['overall'] >= FLOORS['overall']
+
+
+def _scores(video, story_dict):
+  story = prompts.story_from_dict(story_dict)
+  return judge.judge_video(video, list(story.shots), global_caption=story.global_caption)
+
+
+def test_generated_stories_beat_floors(pipe):
+  stories = harness.held_out_stories(3, seed=0, num_shots=(3, 3))
+  scores = [_scores(pipe.generate(st.as_json(), seed=i), st.as_json())
+            for i, st in enumerate(stories)]
+  for key, floor in FLOORS.items():
+    value = float(np.mean([getattr(s, key) for s in scores]))
+    assert value >= floor, f'{key} {value:.3f} < floor {floor}'
+  again = pipe.generate(stories[0].as_json(), seed=0)
+  first = pipe.generate(stories[0].as_json(), seed=0)
+  np.testing.assert_array_equal(again, first)    # same seed, same video
+
+
+def test_readme_command_one(tmp_path):
+  """`launch/generate.py` with no --config / --ckpt: the shipped model on the shipped story."""
+  out = tmp_path / 'story.mp4'
+  res = subprocess.run([sys.executable, 'launch/generate.py', f'--out={out}', '--nowarmup'],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'the shipped' in res.stderr
+  with open(STORY) as f:
+    story = json.load(f)
+  video = video_lib.read_video(str(out))
+  assert video.shape == ((len(story) - 1) * 21, 32, 32, 3)
+  s = _scores(video, story)    # through mp4 compression: a looser floor
+  assert s.overall >= FLOORS['overall'] - 0.1, s.summary()
+
+
+def test_interactive_with_shipped_model(tmp_path):
+  out = tmp_path / 'live.mp4'
+  stdin = ('A blue square in a field. \nWide shot of the square; the camera is static.\n'
+           'Close-up shot of the square; the camera pans left.\n\n')
+  res = subprocess.run([sys.executable, 'launch/generate.py', '--interactive', '--nowarmup',
+                        f'--out={out}'], cwd=REPO, input=stdin, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'shot 2: 21 frames written' in res.stderr
+  assert video_lib.read_video(str(out)).shape == (42, 32, 32, 3)

@@ -1,0 +1,117 @@
+"""Stage 0: the VAE trained through the training loop on StoryWorld pixels (tiny), resumable;
+latent statistics folded into the quant convs exactly; the export reads back as a Wan VAE."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs.train import vae as vae_config
+from shotstream_jax.convert import vae as convert_vae
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.training import init as init_lib
+from shotstream_jax.training import metrics as metrics_lib
+from shotstream_jax.training import train_loop
+from shotstream_jax.training import vae_stage
+
+
+def _config(data_dir, **overrides):
+  c = vae_config.get_config('tiny')
+  c.data.dir = data_dir
+  c.data.storyworld.num_train, c.data.storyworld.num_heldout = 12, 4
+  c.data.batch_size = 2
+  c.vae_train.full_shots = 1
+  c.vae_train.eval_batches = 1
+  c.train.progress = c.train.tensorboard = False
+  c.train.eval_every = 3
+  c.train.checkpoint_every = 3
+  c.train.num_steps = 6
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('vae_storyworld'))
+
+
+@pytest.fixture(scope='module')
+def run(data_dir, tmp_path_factory):
+  """(workdir, final state) of an uninterrupted 6-step run."""
+  workdir = str(tmp_path_factory.mktemp('vae_run'))
+  return workdir, train_loop.train(_config(data_dir), workdir)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_trains_resumes_and_logs(data_dir, run, tmp_path):
+  workdir, whole = run
+
+  def kill(step, state, metrics):
+    if step == 5:   # after checkpoint 3, before checkpoint 6
+      raise _Killed()
+  with pytest.raises(_Killed):
+    train_loop.train(_config(data_dir), str(tmp_path), step_hook=kill)
+  resumed = train_loop.train(_config(data_dir), str(tmp_path))   # steps 4-6 from checkpoint 3
+  for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rows = metrics_lib.read_jsonl(workdir)
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  assert train_rows[-1]['loss'] < train_rows[0]['loss']
+  evals = [r for r in rows if 'eval/psnr' in r]
+  assert [r['step'] for r in evals] == [0, 3, 6] and all(np.isfinite(r['eval/psnr']) for r in evals)
+
+
+def test_fold_latent_stats_is_exact(data_dir, tmp_path):
+  c = _config(data_dir)
+  vae = vae_lib.WanVAE(c.vae)
+  params = jax.tree.map(np.asarray, vae_lib.init_params(vae, jax.random.key(0)))
+  z = c.vae.z_dim
+  mean = np.linspace(-1, 1, z).astype(np.float32)
+  std = np.linspace(0.5, 2, z).astype(np.float32)
+  folded = vae_stage.fold_latent_stats(params, mean, std)
+  video = jax.random.uniform(jax.random.key(1), (1, 9, 32, 32, 3), minval=-1, maxval=1)
+  raw = vae_lib.encode(vae, params, video)
+  np.testing.assert_allclose(vae_lib.encode(vae, folded, video), (raw - mean) / std,
+                             atol=1e-5, rtol=1e-5)
+  lat = jax.random.normal(jax.random.key(2), raw.shape)
+  np.testing.assert_allclose(vae_lib.decode(vae, folded, lat),
+                             vae_lib.decode(vae, params, lat * std + mean), atol=1e-5)
+
+
+def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path):
+  workdir, _ = run
+  c = _config(data_dir)
+  out = str(tmp_path / 'vae.safetensors')
+  stats = vae_stage.export_vae(c, workdir, out, num_clips=4)
+  assert os.path.exists(out[:-len('.safetensors')] + '.stats.json')
+  trained = init_lib.restore_networks(workdir, ['vae'])['vae']
+  exported = convert_vae.load_vae(out, c.vae)
+  vae = vae_lib.WanVAE(c.vae)
+  video = jax.random.uniform(jax.random.key(3), (1, 9, 32, 32, 3), minval=-1, maxval=1)
+  raw = np.asarray(vae_lib.encode(vae, trained, video))
+  want = (raw - np.asarray(stats['mean'])) / np.asarray(stats['std'])
+  np.testing.assert_allclose(vae_lib.encode(vae, exported, video), want, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match='safetensors'):
+    vae_stage.export_vae(c, workdir, str(tmp_path / 'vae.pth'))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('vae_train.l1', -1.0, 'vae_train.l1'),
+    ('vae_train.init_gain', 0.0, 'vae_train.init_gain'),
+    ('data.source', 'precomputed', 'data.source'),
+    ('vae_train.clip_frames', 4, 'vae_train.clip_frames'),
+    ('vae_train.full_shots', 3, 'vae_train.full_shots'),
+])
+def test_bad_config(data_dir, tmp_path, field, value, match):
+  with pytest.raises(ValueError, match=match):
+    vae_stage.VaeStage(_config(data_dir, **{field: value}), str(tmp_path))
