@@ -216,7 +216,7 @@ def test_param_count_wan_1_3b():
 
 
 def test_unknown_preset():
-  with pytest.raises(ValueError, match="unknown preset 'big'; accepted: tiny, wan_1_3b"):
+  with pytest.raises(ValueError, match="unknown preset 'big'; accepted: storyworld, tiny, wan_1_3b"):
     shotstream.get_config('big')
 
 

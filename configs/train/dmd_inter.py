@@ -22,7 +22,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.lora.enabled = preset == 'wan_1_3b'
   if preset == 'storyworld':
     c.data.batch_size = 4
-    c.train.num_steps = 300
+    c.train.num_steps = 60
     c.train.log_every = 6
     c.train.checkpoint_every = 30
   return c

@@ -51,9 +51,9 @@ def dmd_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   elif preset == 'storyworld':
     d.negative = 'zeros'      # the from-scratch teacher learned "no prompt" as zero rows
     c.data.batch_size = 8
-    c.train.num_steps = 600
+    c.train.num_steps = 150
     c.train.log_every = 12
-    c.train.checkpoint_every = 60
+    c.train.checkpoint_every = 30
     c.optim.generator = common.adamw(lr=3e-5, clip=1.0)
     c.optim.critic = common.adamw(lr=3e-5, clip=10.0)
   else:

@@ -53,9 +53,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.batch_size = 4     # 50 Euler steps x 2B teacher rows per step
     c.optim.generator = common.adamw(lr=1e-4, clip=1.0, b1=0.9, b2=0.99)
     c.optim.teacher = frozen
-    c.train.num_steps = 250
+    c.train.num_steps = 100
     c.train.log_every = 10
-    c.train.eval_every = 125
+    c.train.eval_every = 50
     c.train.checkpoint_every = 25
   else:
     c.optim.generator = common.adamw(lr=1e-6, clip=1.0)

@@ -230,7 +230,7 @@ def measure_speed(pipe, shots: int = 3, repeats: int = 3) -> dict:
   runs = []
   for r in range(repeats):
     story = held_out_stories(1, 50 + r, (shots, shots), offset=200000)[0]
-    session = pipe.session(story.global_caption, seed=r)
+    session = pipe.session(story.global_caption(), seed=r)
     start = time.perf_counter()
     for caption in story.shot_captions():
       for _ in session.next_shot(caption):
