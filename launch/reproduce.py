@@ -30,7 +30,8 @@ _ROOT = flags.DEFINE_string('root', 'out/storyworld', 'Where every step writes (
 _PRESET = flags.DEFINE_string('preset', 'storyworld', 'Config preset of every step.')
 _SET = flags.DEFINE_multi_string('set', [], 'step:dotted.field=value config override.')
 _STEPS = flags.DEFINE_list('steps', [], 'Run only these steps (default: all).')
-_EVAL = flags.DEFINE_bool('evaluate', True, 'Run the harness after the chain.')
+_EVAL = flags.DEFINE_bool('evaluate', True, 'Run the harness after the chain (--noevaluate: '
+                          'reuse <root>/eval/results.json if there, e.g. to --ship).')
 _NUM_STORIES = flags.DEFINE_integer('num_stories', 32, 'Held-out stories of the harness.')
 _SHIP = flags.DEFINE_string('ship', '', 'Copy the finished model directory here (e.g. '
                             'weights/storyworld), with the harness numbers in its manifest.')
@@ -60,13 +61,22 @@ def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship):
   start = time.time()
   times = chain_lib.run_chain(root, preset, overrides, steps or None)
   result = None
+  eval_dir = os.path.join(root, 'eval')
+  eval_time = os.path.join(eval_dir, 'wall_s.json')
   if evaluate:
     t0 = time.time()
     models = harness.models_from_chain(root, preset, overrides)
     result = harness.evaluate(models, num_stories=num_stories)
-    paths = harness.write_report(result, os.path.join(root, 'eval'))
-    times['evaluate'] = round(time.time() - t0, 1)
+    paths = harness.write_report(result, eval_dir)
+    with open(eval_time, 'w') as f:
+      json.dump(round(time.time() - t0, 1), f)
     print(open(paths['md']).read())
+  elif os.path.exists(os.path.join(eval_dir, 'results.json')):
+    with open(os.path.join(eval_dir, 'results.json')) as f:   # an earlier run's harness
+      result = json.load(f)
+  if os.path.exists(eval_time):
+    with open(eval_time) as f:
+      times['evaluate'] = json.load(f)
   summary = {'steps_s': times, 'this_run_s': round(time.time() - start, 1),
              'total_s': round(sum(times.values()), 1)}
   with open(os.path.join(root, 'summary.json'), 'w') as f:

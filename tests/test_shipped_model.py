@@ -28,6 +28,13 @@ FLOORS = {'overall': 0.8, 'identity': 0.7, 'adherence': 0.7}   # means over the 
 MAX_BYTES = 30 * 2 ** 20
 
 
+# Until a trained model meets the floors, the repository ships none (README, "The StoryWorld
+# default model"): these tests then skip, naming why.
+pytestmark = pytest.mark.skipif(
+    embedded.model_dir(shotstream.get_config('storyworld')) is None,
+    reason='weights/storyworld is not shipped yet (make it with launch/reproduce.py --ship)')
+
+
 @pytest.fixture(scope='module')
 def pipe():
   return pipeline.ShotStreamPipeline.embedded(shotstream.get_config('storyworld'))
