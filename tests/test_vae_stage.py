@@ -11,6 +11,7 @@ from configs.train import vae as vae_config
 from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import init as init_lib
+from shotstream_jax.training import chain as chain_lib
 from shotstream_jax.training import metrics as metrics_lib
 from shotstream_jax.training import train_loop
 from shotstream_jax.training import vae_stage
@@ -28,13 +29,7 @@ def _config(data_dir, **overrides):
   c.train.eval_every = 3
   c.train.checkpoint_every = 3
   c.train.num_steps = 6
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return chain_lib.apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope='module')

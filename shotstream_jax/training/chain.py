@@ -106,7 +106,7 @@ class Chain:
               'precompute': os.path.join(self.heldout_dir, pc.META_FILE),
               'model': os.path.join(self.model_dir, 'manifest.json')}[step]
     if step == 'precompute':
-      return all(_complete(d) for d in (self.train_dir, self.heldout_dir))
+      return all(data_lib.precomputed_complete(d) for d in (self.train_dir, self.heldout_dir))
     return os.path.exists(marker)
 
   def run(self, step: str):
@@ -234,14 +234,6 @@ def _finished(workdir: str, num_steps: int) -> bool:
     return False
   steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
   return bool(steps) and max(steps) >= num_steps
-
-
-def _complete(out_dir: str) -> bool:
-  try:
-    pc.PrecomputedSource(out_dir)
-    return True
-  except FileNotFoundError:
-    return False
 
 
 def _text(x) -> str:

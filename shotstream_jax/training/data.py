@@ -77,7 +77,7 @@ def prepare(data_cfg, config, workdir: str):
   root = data_root(data_cfg, workdir)
   dirs = tuple(os.path.join(root, split) for split in ('train', 'heldout'))
   if all(os.path.exists(os.path.join(d, pc.META_FILE)) for d in dirs) and \
-     all(_complete(d) for d in dirs):
+     all(precomputed_complete(d) for d in dirs):
     return dirs
   sources, name = storyworld_sources(data_cfg.storyworld, root)
   if jax.process_index() == 0:
@@ -138,7 +138,8 @@ def _sync(name: str):
     multihost_utils.sync_global_devices(name)
 
 
-def _complete(out_dir: str) -> bool:
+def precomputed_complete(out_dir: str) -> bool:
+  """Whether `out_dir` holds finished precomputed shards (an interrupted run's do not count)."""
   try:
     pc.PrecomputedSource(out_dir)
     return True
