@@ -12,7 +12,7 @@ def pytest_addoption(parser):
   parser.addoption('--runslow', action='store_true', default=False,
                    help='also run tests marked slow (real 1.3B shapes, long trainings)')
   parser.addoption('--runhuge', action='store_true', default=False,
-                   help='also run tests marked huge (write >10 GB to disk, e.g. a full umT5-XXL file)')
+                   help='also run tests marked huge (>10 GB of disk or RAM: a full umT5-XXL file, the full-size DiT and VAE parity)')
 
 
 def pytest_collection_modifyitems(config, items):
