@@ -15,18 +15,16 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 
 from shotstream_jax import cli
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.models import dit
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:tiny',
-                                          'Config: configs/shotstream.py:<preset>.')
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:tiny',
+                                 'Config: configs/shotstream.py:<preset>.')
 _SHOTS = flags.DEFINE_integer('shots', 8, 'Shots in the timed story.')
 _MATMUL = flags.DEFINE_integer('matmul_n', 0, 'Peak matmul size (0: 8192 on GPU/TPU, 2048 CPU).')
 
@@ -107,4 +105,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

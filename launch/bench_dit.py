@@ -12,15 +12,15 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:wan_1_3b',
-                                          'Base model config; --dim/--layers/--head_dim override.')
+from shotstream_jax import cli
+
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:wan_1_3b',
+                                 'Base model config; --dim/--layers/--head_dim override.')
 _DIM = flags.DEFINE_integer('dim', 768, 'Model width.')
 _LAYERS = flags.DEFINE_integer('layers', 12, 'Number of blocks.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head size.')
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

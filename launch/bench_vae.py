@@ -18,15 +18,15 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:wan_1_3b',
-                                          'Config whose .vae section is benchmarked.')
+from shotstream_jax import cli
+
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:wan_1_3b',
+                                 'Config whose .vae section is benchmarked.')
 _LATENT = flags.DEFINE_list('latent_hw', ['8', '8'], 'Latent height,width (pixels / 8).')
 _CHUNK = flags.DEFINE_integer('chunk', 3, 'Latent frames per timed chunk.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats (median reported).')
@@ -108,4 +108,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,14 +10,13 @@ or transformers `UMT5EncoderModel`).
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from shotstream_jax import cli
 
 KINDS = ('dit', 'vae', 'umt5')
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:wan_1_3b',
-                                          'Model config: configs/shotstream.py:<preset>.')
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:wan_1_3b',
+                                 'Model config: configs/shotstream.py:<preset>.')
 _KIND = flags.DEFINE_enum('kind', 'dit', KINDS, 'Which network the file holds.')
 _SRC = flags.DEFINE_string('src', None, 'Published checkpoint file (.safetensors/.pt/.pth).')
 _DST = flags.DEFINE_string('dst', None, 'New orbax checkpoint directory to write.')
@@ -26,6 +25,7 @@ _DST = flags.DEFINE_string('dst', None, 'New orbax checkpoint directory to write
 def convert(config, kind: str, src: str, dst: str) -> str:
   """Library entry point (tests call this): import `src`, save params to `dst`."""
   from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  dst = cli.check_new_path(dst, '--dst')     # before the (slow) import, not after it
   if kind == 'dit':
     from shotstream_jax.convert import dit  # pylint: disable=g-import-not-at-top
     params = dit.load_dit(src, config.model)
@@ -37,7 +37,7 @@ def convert(config, kind: str, src: str, dst: str) -> str:
     params = umt5.load_umt5(src, config.text)
   else:
     raise ValueError(f'--kind: unknown kind {kind!r}; accepted: {", ".join(KINDS)}')
-  return checkpoints.save_params(dst, params)
+  return checkpoints.save_params(dst, params, field='--dst')
 
 
 def main(argv):
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

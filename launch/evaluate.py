@@ -12,16 +12,14 @@ model, first / middle / last frame of each shot) to --out and prints the markdow
 import os
 import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:storyworld',
-                                          'Model config (with --model_dir).')
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:storyworld',
+                                 'Model config (with --model_dir).')
 _ROOT = flags.DEFINE_string('root', None, 'A launch/reproduce.py --root: every stage.')
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A model directory (weights/storyworld).')
 _OUT = flags.DEFINE_string('out', 'out/eval', 'Report folder.')
@@ -61,4 +59,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,17 +14,15 @@ only the networks needed. --config must be the run's config (model size, LoRA ra
 import os
 import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/train/dmd_intra.py:tiny',
-                                          'The training run\'s config.')
+_CONFIG = cli.define_config_file('config', 'configs/train/dmd_intra.py:tiny',
+                                 'The training run\'s config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s --workdir.')
 _NETWORK = flags.DEFINE_string('network', 'generator',
                                'Network to export: generator, critic or teacher.')
@@ -40,8 +38,7 @@ def export(config, workdir: str, network: str, out: str) -> str:
   from shotstream_jax.training import init
   if not os.path.exists(workdir):
     raise FileNotFoundError(f'--workdir: {workdir} does not exist')
-  if os.path.exists(out):
-    raise FileExistsError(f'--out: {out} already exists; choose a new path')
+  out = cli.check_new_path(out, '--out')
   lora_cfg = config.get('lora')
   use_lora = bool(lora_cfg and lora_cfg.enabled and network in ('generator', 'critic'))
   nets = [network] + ([f'{network}_lora'] if use_lora else [])
@@ -54,10 +51,12 @@ def export(config, workdir: str, network: str, out: str) -> str:
     from safetensors import numpy as st_numpy
     state = {'model.' + k: np.ascontiguousarray(v)
              for k, v in dit_convert.dit_to_torch(params, config.model).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    st_numpy.save_file(state, out)
-    return os.path.abspath(out)
-  return checkpoints.save_params(out, params)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + '.tmp'
+    st_numpy.save_file(state, tmp)
+    os.replace(tmp, out)     # atomic: a killed export leaves no half-written file
+    return out
+  return checkpoints.save_params(out, params, field='--out')
 
 
 def main(argv):
@@ -68,4 +67,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

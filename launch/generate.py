@@ -25,10 +25,8 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 from tqdm import tqdm
 
@@ -38,8 +36,8 @@ from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.io import video as video_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:storyworld',
-                                          'Config: configs/shotstream.py:<preset>.')
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:storyworld',
+                                 'Config: configs/shotstream.py:<preset>.')
 _PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/storyworld.json',
                                 'Story JSON or testset CSV.')
 _OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
@@ -83,23 +81,29 @@ def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=Non
 
 
 def run_story(pipe, story, out_path, seed, scan=False, writer=None):
-  """Generate `story` shot by shot into `out_path`; returns the session (with stats)."""
-  session = pipe.session(story.global_caption, seed)
-  own_writer = writer is None
-  writer = writer or video_lib.VideoWriter(out_path, fps=pipe.config.sampling.fps)
-  with tqdm(total=len(story.shots) * pipe.sampler.num_chunks, unit='chunk',
-            desc=os.path.basename(out_path)) as bar:
-    for i, caption in enumerate(story.shots):
-      bar.set_postfix(shot=f'{i + 1}/{len(story.shots)}')
-      if scan:
-        writer.write(session.run_shot(caption))
-        bar.update(pipe.sampler.num_chunks)
-        continue
-      for frames in session.next_shot(caption):
-        writer.write(frames)
-        bar.update(1)
-  if own_writer:
-    writer.close()
+  """Generate `story` shot by shot into `out_path`; returns the session (with stats).
+  Frames stream to the mp4 as they are decoded; `out_path` appears only when it is complete."""
+  session = pipe.session(story.global_caption, seed, keep_history=False)
+  own = video_lib.VideoWriter(out_path, fps=pipe.config.sampling.fps) if writer is None else None
+  writer = writer or own
+  try:
+    with tqdm(total=len(story.shots) * pipe.sampler.num_chunks, unit='chunk',
+              desc=os.path.basename(out_path)) as bar:
+      for i, caption in enumerate(story.shots):
+        bar.set_postfix(shot=f'{i + 1}/{len(story.shots)}')
+        if scan:
+          writer.write(session.run_shot(caption))
+          bar.update(pipe.sampler.num_chunks)
+          continue
+        for frames in session.next_shot(caption):
+          writer.write(frames)
+          bar.update(1)
+  except BaseException:
+    if own is not None:
+      own.abort()
+    raise
+  if own is not None:
+    own.close()
   return session
 
 
@@ -119,7 +123,7 @@ def interactive(pipe, out_path, seed, lines):
   """stdin: a global caption, then a shot prompt per line; an empty line or EOF stops."""
   print('global caption (may be empty):', file=sys.stderr, flush=True)
   global_caption = next(lines, '').rstrip('\n')
-  session = pipe.session(global_caption, seed)
+  session = pipe.session(global_caption, seed, keep_history=False)
   with video_lib.VideoWriter(out_path, fps=pipe.config.sampling.fps, fragmented=True) as writer:
     while True:
       print(f'shot {len(session.captions) + 1} prompt (empty line ends):', file=sys.stderr,
@@ -132,13 +136,24 @@ def interactive(pipe, out_path, seed, lines):
       st = session.stats[-1]
       print(f'shot {st.shot}: {st.frames} frames written to {out_path} (first frame after '
             f'{st.first_frame_s:.2f}s, shot {st.total_s:.2f}s)', file=sys.stderr, flush=True)
+  if not session.stats:
+    raise ValueError('--interactive: stdin gave no shot prompt (closed, or an empty line '
+                     f'first); nothing was generated and {out_path} was not written')
   return session
 
 
 def generate(config, prompts_path, out, seed, ckpt=None, vae=None, text_encoder=None,
              tokenizer=None, interactive_lines=None, scan=False, do_warmup=True) -> dict:
   """Library entry point of the CLI (tests call it); returns the timing report."""
+  pipeline_lib.check_config(config)
   stories = []
+  # Output paths first: a bad --out must fail in a line, before minutes of model building.
+  out_is_dir = interactive_lines is None and bool(prompts_path) and \
+      prompts_path.lower().endswith('.csv')
+  out = cli.check_new_path(out, '--out', exist_ok=True,
+                           suffixes=None if out_is_dir else ('.mp4',))
+  if out_is_dir and os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out: {out} is a file; with a CSV of stories --out is a folder')
   if interactive_lines is None:
     if not prompts_path:
       raise ValueError('--prompts: required (a story JSON or a testset CSV), or use '
@@ -173,4 +188,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

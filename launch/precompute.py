@@ -19,19 +19,17 @@ flags finishes what is missing and skips completed shards. On several hosts, run
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from shotstream_jax import cli
 from shotstream_jax.data import precompute as pc
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shotstream.py:tiny',
-                                          'Model config: configs/shotstream.py:<preset>.')
-_DATA_CONFIG = config_flags.DEFINE_config_file('data_config', 'configs/data.py:tiny',
-                                               'Data config (StoryWorld sizes): configs/data.py.')
+_CONFIG = cli.define_config_file('config', 'configs/shotstream.py:tiny',
+                                 'Model config: configs/shotstream.py:<preset>.')
+_DATA_CONFIG = cli.define_config_file('data_config', 'configs/data.py:tiny',
+                                      'Data config (StoryWorld sizes): configs/data.py.')
 _DATA = flags.DEFINE_string('data', 'storyworld',
                             "'storyworld', or a prepared tfds array_record dataset folder.")
 _SPLIT = flags.DEFINE_string('split', 'train', 'Split of the dataset to encode.')
@@ -64,6 +62,12 @@ class _Head:
     return self.source[i]
 
 
+def check_data_flag(data: str):
+  if data != 'storyworld' and not os.path.isfile(os.path.join(data, 'dataset_info.json')):
+    raise FileNotFoundError(f"data: {data!r} is neither 'storyworld' nor a prepared tfds "
+                            'dataset folder (no dataset_info.json in it)')
+
+
 def load_source(data: str, split: str, data_config, data_dir: str):
   """(random-access source, a name for meta.json) for the --data flag."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -73,9 +77,7 @@ def load_source(data: str, split: str, data_config, data_dir: str):
                                             data_dir=os.path.expanduser(data_dir))
     builder.download_and_prepare()
   else:
-    if not os.path.isfile(os.path.join(data, 'dataset_info.json')):
-      raise FileNotFoundError(f"data: {data!r} is neither 'storyworld' nor a prepared tfds "
-                              'dataset folder (no dataset_info.json in it)')
+    check_data_flag(data)
     builder = tfds.builder_from_directory(data)
   sources = builder.as_data_source()
   if split not in sources:
@@ -88,6 +90,8 @@ def run(config, data_config):
     jax.distributed.initialize()
   if _MAX_EXAMPLES.value < 0:
     raise ValueError(f'max_examples: must be >= 0, got {_MAX_EXAMPLES.value}')
+  check_data_flag(_DATA.value)       # before the encoders load
+  cli.check_new_path(_OUT.value, '--out', exist_ok=True)   # shards resume into an existing one
   encoders = pc.build_encoders(config, _VAE.value, _TEXT.value, _TOKENIZER.value, config.seed)
   source, name = load_source(_DATA.value, _SPLIT.value, data_config, _DATA_DIR.value)
   if _MAX_EXAMPLES.value:
@@ -114,4 +118,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -16,18 +16,16 @@ Logs are quiet (warnings and the progress bar); --verbosity=0 shows every INFO l
 import os
 import sys
 
-from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from shotstream_jax.training import train_loop  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/train/teacher.py:tiny',
-                                          'Training config: configs/train/<stage>.py:<preset>.')
+_CONFIG = cli.define_config_file('config', 'configs/train/teacher.py:tiny',
+                                 'Training config: configs/train/<stage>.py:<preset>.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (resumed).')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() (multi-host). On Cloud TPU, '
@@ -64,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,8 +1,11 @@
 """Helpers for the absl entry points in launch/: bad input ends in one line, not a traceback."""
 
+import os
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# Bad flag values, missing or unwritable files: OSError covers FileNotFoundError,
+# FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError.
+USER_ERRORS = (ValueError, OSError)
 
 
 def exit_on_user_error(fn, *args, **kwargs):
@@ -20,3 +23,90 @@ def quiet_logs():
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def check_new_path(path: str, field: str, suffixes=None, exist_ok: bool = False) -> str:
+  """The absolute form of `path`, or ValueError naming `field`, before any work is done.
+
+  A path to be written must not exist (unless `exist_ok`; never as a directory when a file is
+  wanted), end in one of `suffixes` when given, and have a writable directory above it (the
+  nearest existing ancestor must be a directory we can write into, so creating the rest works).
+  """
+  if not path:
+    raise ValueError(f'{field}: empty path')
+  path = os.path.abspath(os.path.expanduser(path))
+  if suffixes is not None:
+    if os.path.isdir(path):
+      raise ValueError(f'{field}: {path} is a directory; give a file path ending in '
+                       f'{" or ".join(suffixes)}')
+    if not path.lower().endswith(tuple(suffixes)):
+      raise ValueError(f'{field}: {path} must end in {" or ".join(suffixes)}')
+  if os.path.exists(path) and not exist_ok:
+    raise ValueError(f'{field}: {path} already exists; choose a new path')
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'{field}: cannot create {path}: {parent} is a file, not a directory')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'{field}: cannot write under {parent} (permission denied)')
+  return path
+
+
+_CONFIG_FLAGS = []   # names defined by define_config_file, loaded eagerly by run()
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _last_line(text: str) -> str:
+  """The exception line at the end of a message that embeds a traceback, class name dropped."""
+  lines = [l for l in str(text).strip().splitlines() if l.strip()]
+  last = lines[-1].strip() if lines else ''
+  head, sep, rest = last.partition(': ')
+  return rest if sep and head.replace('.', '').isidentifier() and head[0].isupper() else last
+
+
+def _unknown_field(name: str, e: BaseException):
+  given = [a.split('=')[0] for a in sys.argv[1:] if a.startswith(f'--{name}.')]
+  _fail(f'{", ".join(given) or "--" + name}: unknown config field '
+        f'{_last_line(e).strip(chr(34))}; see the config file for the accepted fields')
+
+
+def define_config_file(name: str, default: str, help_string: str):
+  """config_flags.DEFINE_config_file, with an unknown `--<name>.field=` override (which
+  ml_collections may resolve while the flag is defined, at import) as one line."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    holder = config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    _unknown_field(name, e)
+  _CONFIG_FLAGS.append(name)
+  return holder
+
+
+def run(main):
+  """absl's app.run, with flag and config errors (unknown preset or field, missing config file,
+  a value of the wrong type) as `error: <flag>: <what>` and exit 2 before main runs."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      first = str(e).splitlines()[0].rstrip(':')
+      flag = first.split(': ')[0].replace('flag ', '') if first.startswith('flag ') else ''
+      what = _last_line(e)
+      what = what.split(': ', 1)[-1] if what.startswith('flag ') else what
+      _fail(f'{flag}: {what}' if flag else what)
+    except (AttributeError, KeyError) as e:     # an override of a field the config lacks
+      _unknown_field(_CONFIG_FLAGS[0] if len(_CONFIG_FLAGS) == 1 else 'config', e)
+    for name in _CONFIG_FLAGS:        # config files load lazily; fail here, not mid-run
+      try:
+        flags.FLAGS[name].value.keys()
+      except (OSError, AttributeError, ValueError) as e:
+        _fail(f'--{name}: {_last_line(e)}')
+    return rest
+  app.run(main, flags_parser=parse)

@@ -18,6 +18,7 @@ compiles each of them once (`compile_counts`).
 import collections
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -53,6 +54,19 @@ def latent_size(config):
       raise ValueError(f'sampling.{name}: must be a positive multiple of {multiple} (VAE '
                        f'{factor}x times patch {config.model.patch_size[1]}), got {size}')
   return s.height // factor, s.width // factor
+
+
+def check_config(config) -> None:
+  """Every sampling field a pipeline reads, checked in one place before any weights load, so a
+  bad --config.sampling.* value is one line naming it rather than a failure minutes later."""
+  s = config.sampling
+  if s.context not in CONTEXT_MODES:
+    raise ValueError(f'sampling.context: unknown {s.context!r}; accepted: '
+                     f'{", ".join(CONTEXT_MODES)}')
+  if not isinstance(s.fps, int) or s.fps < 1:
+    raise ValueError(f'sampling.fps: must be a whole number >= 1 (frames per second of the '
+                     f'mp4), got {s.fps!r}')
+  causal.check_layout(config.model, s, latent_size(config))
 
 
 def as_story(story: StoryLike) -> prompts_lib.Story:
@@ -99,6 +113,7 @@ class ShotStreamPipeline:
     """`sampler`: what generates a shot (default the streaming causal student of
     `config`); e.g. sampling.teacher.TeacherSampler to run the teacher shot by shot."""
     self.config = config
+    check_config(config)
     s = config.sampling
     self.vae = vae_lib.WanVAE(config.vae)
     self.latent_hw = latent_size(config)
@@ -108,9 +123,6 @@ class ShotStreamPipeline:
     self.vae_params = vae_params
     self.prompt_encoder = prompt_encoder
     self.budget = config.model.context_frames
-    if s.context not in CONTEXT_MODES:
-      raise ValueError(f'sampling.context: unknown {s.context!r}; accepted: '
-                       f'{", ".join(CONTEXT_MODES)}')
     self.compile_counts: Dict[str, int] = collections.Counter()
 
     vae, sampler = self.vae, self.sampler
@@ -184,8 +196,12 @@ class ShotStreamPipeline:
       if not path:
         raise ValueError(f'{what}: a checkpoint path is required')
       if os.path.isdir(path):
-        return checkpoints.restore_params(path, shapes)
-      return load_file(path)
+        return checkpoints.restore_params(path, shapes)   # refuses NaN/Inf itself
+      params = load_file(path)
+      bad = checkpoints.nonfinite_paths(params)
+      if bad:   # would decode / condition every video into black or noise, with exit 0
+        raise ValueError(f'{what}: {path} holds non-finite weights (NaN/Inf at {bad})')
+      return params
 
     dit_params = load_dit_params(config, dit_path)
     vae_params = get(vae_path, lambda p: vae_convert.load_vae(p, config.vae),
@@ -212,8 +228,12 @@ class ShotStreamPipeline:
         pass
     return time.perf_counter() - start
 
-  def session(self, global_caption: str = '', seed: int = 0) -> 'StorySession':
-    return StorySession(self, global_caption, seed)
+  def session(self, global_caption: str = '', seed: int = 0,
+              keep_history: bool = True) -> 'StorySession':
+    """A story directed shot by shot. keep_history=False keeps no finished shot's video or
+    latents (`video()` is then unavailable): memory stays bounded however many shots stream
+    to a writer (the CLI, interactive sessions)."""
+    return StorySession(self, global_caption, seed, keep_history)
 
   def generate(self, story: StoryLike, seed: int = 0, streaming: bool = True) -> np.ndarray:
     """Every shot of `story`, uint8 [shots * frames_per_shot, H, W, 3].
@@ -235,15 +255,20 @@ class ShotStreamPipeline:
 class StorySession:
   """One story being directed shot by shot; holds decoded frames of earlier shots.
 
-  Only frames that a later shot could pick as context are kept per shot (at most
-  sum_{c<=budget} c distinct indices), so memory does not grow with the shot length.
+  Only frames that a later shot could still pick as context are kept: per shot at most
+  sum_{c<=budget} c distinct indices, and only for the last `budget` shots (the context rule
+  gives older shots no frames once there are more than `budget` earlier shots, and never again
+  as the story grows). Memory therefore does not grow with the shot length nor, with
+  keep_history=False, with the number of shots.
   """
 
-  def __init__(self, pipe: ShotStreamPipeline, global_caption: str, seed: int):
+  def __init__(self, pipe: ShotStreamPipeline, global_caption: str, seed: int,
+               keep_history: bool = True):
     if not isinstance(global_caption, str):
       raise ValueError(f'global_caption: expected a string, got {type(global_caption).__name__}')
     self.pipe = pipe
     self.global_caption = global_caption
+    self.keep_history = keep_history
     self.key = jax.random.key(seed)
     self.captions: List[str] = []
     self.shot_lengths: List[int] = []
@@ -251,6 +276,8 @@ class StorySession:
     self._video: List[np.ndarray] = []             # uint8 frames of each finished shot
     self.stats: List[ShotStats] = []
     self.latents: List[np.ndarray] = []            # [F, h, w, C] per shot
+    self._prompts: Dict[tuple, str] = {}           # (shot, caption) -> encoded text
+    self.prompt_cuts: Dict[int, int] = {}          # 0-based shot -> tokens cut from its prompt
 
   # -- per-shot inputs
 
@@ -265,8 +292,7 @@ class StorySession:
     else:
       choice = context_lib.no_context(len(self.shot_lengths), pipe.budget)
     self.captions.append(caption)
-    prompts = prompts_lib.shot_prompts(self.global_caption, self.captions)
-    rows = pipe.prompt_encoder([prompts[j] for j in choice.caption_shots])
+    rows = pipe.prompt_encoder([self._prompt(j) for j in choice.caption_shots])
     text_kv = pipe._text_kv(pipe.dit_params, rows)
     h, w = pipe.latent_hw
     if choice.frame_indices:
@@ -278,13 +304,35 @@ class StorySession:
     return causal.ShotPlan(ctx, i32(choice.ctx_shot), i32(choice.ctx_caption),
                            i32(choice.gen_shot), i32(choice.gen_caption), text_kv)
 
+  def _prompt(self, shot: int) -> str:
+    """The text encoded for `shot`: prompts_lib.fit_shot_prompt under the tokenizer's budget
+    (a cut is reported once per shot on stderr and kept in `self.prompt_cuts`)."""
+    key = (shot, self.captions[shot])
+    if key not in self._prompts:
+      tok = getattr(self.pipe.prompt_encoder, 'tokenizer', None)
+      if tok is None:   # a custom encoder: the reference text, its own truncation
+        self._prompts[key] = prompts_lib.shot_prompt(self.global_caption, shot, key[1])
+      else:
+        prompt, cut = prompts_lib.fit_shot_prompt(self.global_caption, shot, key[1],
+                                                  tok.num_tokens, tok.text_len - 1)
+        if cut:
+          self.prompt_cuts[shot] = cut
+          logging.warning('prompt: shot %d is %d tokens over text_len %d; cut from the end of '
+                          'the global caption so the shot prompt is kept', shot + 1, cut,
+                          tok.text_len)
+        self._prompts[key] = prompt
+    return self._prompts[key]
+
   def _shot_key(self):
     return jax.random.fold_in(self.key, len(self.captions) - 1)
 
   def _finish_shot(self, frames, video, latents, t0, first_s, decode_s=0.0, chunk_s=()):
-    """Keep the shot's uint8 video, its candidate context frames ([-1, 1]), and its stats."""
+    """Keep the shot's candidate context frames ([-1, 1]) and stats (its uint8 video and
+    latents too with keep_history); drop candidates of shots no later shot can pick."""
     pipe = self.pipe
-    self._video.append(video)
+    if self.keep_history:
+      self._video.append(video)
+      self.latents.append(np.asarray(latents))
     n = frames.shape[0]
     start = sum(self.shot_lengths)
     keep = set()
@@ -293,7 +341,10 @@ class StorySession:
     for i in keep:
       self._candidates[start + i] = frames[i]
     self.shot_lengths.append(n)
-    self.latents.append(np.asarray(latents))
+    # With P > budget earlier shots, frame_budget gives the oldest P - budget shots nothing.
+    selectable_from = sum(self.shot_lengths[:max(0, len(self.shot_lengths) - pipe.budget)])
+    for i in [i for i in self._candidates if i < selectable_from]:
+      del self._candidates[i]
     self.stats.append(ShotStats(len(self.shot_lengths), n, first_s, time.perf_counter() - t0,
                                 decode_s, tuple(chunk_s)))
 
@@ -341,11 +392,15 @@ class StorySession:
     dcache = vae_lib.init_decode_cache(pipe.vae, 1, *pipe.latent_hw)
     frames = np.asarray(pipe._decode(pipe.vae_params, dcache, latents)[0][0])
     now = time.perf_counter()
-    self._finish_shot(frames, to_uint8(frames), latents[0], t0, now - t0, now - t_decode)
-    return self._video[-1]
+    video = to_uint8(frames)
+    self._finish_shot(frames, video, latents[0], t0, now - t0, now - t_decode)
+    return video
 
   def video(self) -> np.ndarray:
     """All frames of the finished shots, uint8 [T, H, W, 3]."""
+    if not self.keep_history:
+      raise ValueError('story: this session keeps no history (keep_history=False); write '
+                       'the frames next_shot yields instead')
     if not self._video:
       raise ValueError('story: no shot has been generated yet')
     return np.concatenate(self._video)

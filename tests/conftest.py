@@ -5,7 +5,26 @@ import os
 # Parity tests compare fp32 against PyTorch: keep XLA's CPU matmuls at full precision.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 
+import shutil
+import tempfile
+
 import pytest
+
+# One XLA compilation cache per test run (fresh each run, removed at the end): the suite builds
+# the same tiny programs many times, in this process and in the CLI / worker subprocesses that
+# inherit the variables. A test that sets its own cache dir (tests/train_worker.py) keeps it.
+_CACHE_DIR = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='shotstream-test-xla-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_DIR:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_addoption(parser):

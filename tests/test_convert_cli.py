@@ -45,5 +45,20 @@ def test_convert_cli_writes_restorable_orbax(tmp_path):
       [sys.executable, 'launch/convert.py', '--config=configs/shotstream.py:tiny', '--kind=dit',
        f'--src={src}', f'--dst={dst}'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert res.returncode == 2, res.stderr[-2000:]
-  assert res.stderr.strip().splitlines()[-1].startswith('error: checkpoint: ')
+  assert res.stderr.strip().splitlines()[-1].startswith('error: --dst: ')
   assert 'already exists' in res.stderr and 'Traceback' not in res.stderr
+
+
+def test_unwritable_dst_fails_in_a_line_and_exits(tmp_path):
+  """It used to print the error and then hang forever (orbax's async writer threads)."""
+  cfg = shotstream.get_config('tiny')
+  src = tmp_path / 'shotstream_merged.pt'
+  _shotstream_pt(cfg.model, src)
+  (tmp_path / 'file').write_text('x')
+  res = subprocess.run(
+      [sys.executable, 'launch/convert.py', '--config=configs/shotstream.py:tiny', '--kind=dit',
+       f'--src={src}', f'--dst={tmp_path}/file/ckpt'], cwd=REPO, capture_output=True,
+      text=True, timeout=120)
+  assert res.returncode == 2, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: --dst: cannot create') and 'is a file' in last, last

@@ -155,6 +155,15 @@ def test_shotstream_pt_file_reproduces_diffusers(tiny, tmp_path):
   assert_close(dit.WanDiT(cfg).apply({'params': params}, lat, jnp.full((1, 3), 640.0), ctx), ref)
 
 
+def test_legacy_non_zip_pt_file_loads(tiny, tmp_path):
+  """torch.save(..., _use_new_zipfile_serialization=False), as torch < 1.6 wrote: mmap cannot
+  read it (that used to be the error); it loads into memory, same params."""
+  cfg, model, params = tiny
+  path = tmp_path / 'legacy.pt'
+  torch.save(original_state_dict(model), path, _use_new_zipfile_serialization=False)
+  jax.tree.map(np.testing.assert_array_equal, dit_convert.load_dit(str(path), cfg), params)
+
+
 def test_safetensors_file_loads_without_torch_tensors(tiny, tmp_path):
   from safetensors.numpy import save_file
   cfg, model, params = tiny

@@ -190,6 +190,24 @@ def test_bad_inputs(pipe):
     pipeline_lib.ShotStreamPipeline(cfg, pipe.dit_params, pipe.vae_params, pipe.prompt_encoder)
 
 
+def test_long_global_caption_never_erases_the_shot_prompt(pipe, caplog):
+  """Past text_len the global caption is cut, not the shot prompt: shots stay distinct."""
+  tok = pipe.prompt_encoder.tokenizer
+  g = 'a very long global caption about the harbour and its boats ' * 80
+  assert tok.num_tokens(g) > tok.text_len
+  s = pipe.session(g + '. ', seed=0)
+  s.captions += ['shot prompt number 0', 'shot prompt number 1']
+  rows = pipe.prompt_encoder([s._prompt(0), s._prompt(1)])
+  assert set(s.prompt_cuts) == {0, 1} and all(c > 0 for c in s.prompt_cuts.values())
+  assert 'cut from the end of the global caption' in caplog.text
+  assert all(tok.num_tokens(s._prompt(i)) <= tok.text_len - 1 for i in range(2))
+  assert s._prompt(1).endswith('shot1:shot prompt number 1')
+  assert float(jnp.abs(rows[0] - rows[1]).max()) > 1e-3      # the reference rule gives 0 here
+  short = pipe.session('G. ', seed=0)
+  short.captions.append('a')
+  assert short._prompt(0) == 'G. shot0:a' and not short.prompt_cuts
+
+
 def test_abandoned_stream_is_forgotten(pipe):
   """Stopping a shot's stream part-way leaves the session as if that shot never happened."""
   s = pipe.session('G. ', seed=2)
@@ -206,3 +224,31 @@ def test_abandoned_stream_is_forgotten(pipe):
   assert s.captions == ['first', 'second'] and len(s.stats) == 2
   assert s.video().shape == ref.video().shape
   np.testing.assert_allclose(s.latents[1], ref.latents[1], atol=1e-5)
+
+
+def _rss_mb():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS:')) / 1024
+
+
+def _held_bytes(session):
+  arrays = list(session._candidates.values()) + session._video + session.latents
+  return sum(a.nbytes for a in arrays)
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='needs /proc (Linux)')
+def test_memory_is_bounded_over_40_shots(pipe):
+  """keep_history=False (what the CLI streams with): after shot 8 nothing more is held, and the
+  process RSS after shot 40 is within 10% of that after shot 8. 40 shots also walk the context
+  rule far past the budget: a pruned frame it still needed would raise a KeyError."""
+  s = pipe.session('A long story. ', seed=0, keep_history=False)
+  held, rss = {}, {}
+  for shot in range(1, 41):
+    for _ in s.next_shot(f'shot number {shot}'):
+      pass
+    held[shot], rss[shot] = _held_bytes(s), _rss_mb()
+  assert held[40] == held[8] > 0 and max(held.values()) == held[8]
+  assert rss[40] <= 1.10 * rss[8], (rss[8], rss[40])
+  assert len(s._candidates) <= sum(range(1, pipe.budget + 1)) * pipe.budget
+  with pytest.raises(ValueError, match='keeps no history'):
+    s.video()

@@ -76,8 +76,19 @@ def test_interactive_stdin(tmp_path):
   assert video_lib.read_video(f'{tmp_path}/live.mp4').shape[0] == 2 * FRAMES_PER_SHOT
 
 
+@pytest.mark.parametrize('stdin', ['', '\n', 'A harbour. \n\n'])
+def test_interactive_without_a_shot_fails(tmp_path, stdin):
+  res = run_cli('--config=configs/shotstream.py:tiny', '--interactive', '--nowarmup',
+                f'--out={tmp_path}/live.mp4', stdin=stdin)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1].startswith('error: --interactive: stdin gave no')
+  assert not os.path.exists(tmp_path / 'live.mp4') and '{' not in res.stdout
+
+
 @pytest.mark.parametrize('case', ['missing', 'bad_json', 'empty_story', 'bad_csv', 'no_text',
-                                  'bad_ckpt', 'resolution'])
+                                  'bad_ckpt', 'resolution', 'out_txt', 'out_no_suffix',
+                                  'out_is_dir', 'out_under_file', 'fps0', 'shot_frames0',
+                                  'preset', 'unknown_field', 'field_type', 'config_file'])
 def test_bad_input_one_line(tmp_path, story, case):
   bad_json = tmp_path / 'bad.json'
   bad_json.write_text('{"global_caption": "x",\n "shot1": }')
@@ -98,6 +109,23 @@ def test_bad_input_one_line(tmp_path, story, case):
       'bad_ckpt': ([f'--prompts={story}', f'--ckpt={ckpt}'], 'cannot read'),
       'resolution': ([f'--prompts={story}', '--config.sampling.height=72'],
                      'sampling.height: must be a positive multiple of 16'),
+      # --out is checked before any model is built (it used to fail after, in ffmpeg).
+      'out_txt': ([f'--prompts={story}', f'--out={tmp_path}/o.txt'], '--out: '),
+      'out_no_suffix': ([f'--prompts={story}', f'--out={tmp_path}/o'], 'must end in .mp4'),
+      'out_is_dir': ([f'--prompts={story}', f'--out={tmp_path}'], 'is a directory'),
+      'out_under_file': ([f'--prompts={story}', f'--out={ckpt}/o.mp4'], 'is a file'),
+      'fps0': ([f'--prompts={story}', '--config.sampling.fps=0'], 'sampling.fps: must be'),
+      'shot_frames0': ([f'--prompts={story}', '--config.sampling.shot_latent_frames=0'],
+                       'sampling.shot_latent_frames: must be >= 1'),
+      # flag parsing (absl + ml_collections) used to print a traceback for these
+      'preset': ([f'--prompts={story}', '--config=configs/shotstream.py:bogus'],
+                 "--config=configs/shotstream.py:bogus: config preset: unknown preset 'bogus'"),
+      'unknown_field': ([f'--prompts={story}', '--config.sampling.nope=1'],
+                        "--config.sampling.nope: unknown config field 'nope'"),
+      'field_type': ([f'--prompts={story}', '--config.sampling.fps=abc'],
+                     '--config.sampling.fps=abc: invalid literal'),
+      'config_file': ([f'--prompts={story}', '--config=configs/nope.py'],
+                      "--config: [Errno 2] No such file or directory: 'configs/nope.py'"),
   }[case]
   res = run_cli('--config=configs/shotstream.py:tiny', f'--out={tmp_path}/o.mp4', *args,
                 timeout=300)

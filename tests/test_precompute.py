@@ -180,12 +180,22 @@ def test_grain_reads_it_and_settings_are_checked(world):
     _run(world, str(world['root'] / 'bad'), examples_per_shard=0)
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
-  res = subprocess.run(
-      [sys.executable, 'launch/precompute.py', '--data=storyworld', f'--out={tmp_path}/o'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert res.returncode == 2
-  assert res.stderr.strip().splitlines()[-1].startswith('error: tokenizer: required')
+@pytest.mark.parametrize('case', ['tokenizer', 'data', 'out'])
+def test_cli_bad_input_is_one_line(tmp_path, case):
+  (tmp_path / 'file').write_text('x')
+  args, expected = {
+      # tiny has an embedded tokenizer (no --tokenizer needed); wan_1_3b does not
+      'tokenizer': (['--config=configs/shotstream.py:wan_1_3b', '--data=storyworld',
+                     f'--out={tmp_path}/o'], "error: tokenizer: required at preset 'wan_1_3b'"),
+      'data': ([f'--data={tmp_path}/nope', f'--out={tmp_path}/o'],
+               "error: data: '" + str(tmp_path / 'nope') + "' is neither"),
+      'out': (['--data=storyworld', f'--out={tmp_path}/file/o'], 'error: --out: cannot create'),
+  }[case]
+  res = subprocess.run([sys.executable, 'launch/precompute.py', *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1].startswith(expected), res.stderr[-500:]
+  assert 'Traceback' not in res.stderr
 
 
 def test_reference_format_trims_shots_to_4k_plus_1(world):

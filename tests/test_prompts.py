@@ -68,6 +68,7 @@ HEADER = 'shot_num_from_caption,json_path,video_path,frame_number\n'
     ({'global_caption': None}, 'global_caption: missing'),
     ({'global_caption': ''}, 'global_caption: must be a non-empty'),
     ({'shot2': None, 'shot3': 'c'}, 'shot2: missing'),
+    ({'shot0': 'z'}, 'shot0: shots are numbered from shot1'),   # was dropped silently
 ])
 def test_bad_story(tmp_path, fields, needle):
   path = _story(tmp_path, **fields)
@@ -123,3 +124,17 @@ def test_gaps_allowed_and_paths_relative_to_csv(tmp_path):
   assert row.frame_ranges == ((0, 56), (70, 114))
   assert row.json_path == str(tmp_path / 's.json')  # found in the CSV folder's parent
   assert row.story.shots == ('a', 'b') and row.line == 2
+
+
+def _words(text):
+  return len(text.replace(':', ' ').split())    # a tokenizer with one token per word
+
+
+def test_fit_shot_prompt_keeps_the_shot_and_as_much_global_as_fits():
+  g = ' '.join(f'g{i}' for i in range(30)) + '. '
+  assert prompts.fit_shot_prompt('A B. ', 1, 'x y', _words, 10) == ('A B. shot1:x y', 0)
+  prompt, cut = prompts.fit_shot_prompt(g, 2, 'pan left', _words, 10)
+  assert prompt == 'g0 g1 g2 g3 g4 g5 g6 shot2:pan left' and _words(prompt) == 10
+  assert cut == _words(prompts.shot_prompt(g, 2, 'pan left')) - 10 == 23
+  prompt, cut = prompts.fit_shot_prompt(g, 0, ' '.join(['w'] * 12), _words, 10)
+  assert prompt.startswith('shot0:') and cut == 30 + 13 - 10   # the shot alone is too long

@@ -66,3 +66,18 @@ def test_montage_slice():
   frames = video.read_video(MONTAGE, size=(54, 72), start=100, stop=110)
   assert frames.shape == (10, 54, 72, 3)
   assert frames.std() > 5
+
+
+def test_plain_mp4_appears_only_when_complete(tmp_path):
+  frames = np.full((3, 16, 16, 3), 128, np.uint8)
+  path = str(tmp_path / 'a.mp4')
+  with video.VideoWriter(path) as w:
+    w.write(frames)
+    assert not os.path.exists(path)              # being written under a temporary name
+  assert video.read_video(path).shape == (3, 16, 16, 3)
+  assert os.listdir(tmp_path) == ['a.mp4']
+  with pytest.raises(RuntimeError, match='boom'):
+    with video.VideoWriter(str(tmp_path / 'b.mp4')) as w:
+      w.write(frames)
+      raise RuntimeError('boom')
+  assert os.listdir(tmp_path) == ['a.mp4']       # a failed write leaves nothing behind

@@ -37,11 +37,15 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
     except ImportError as e:
       raise CheckpointError(f'checkpoint: reading {path} needs torch (pip install -r '
                             'requirements-test.txt); safetensors files do not') from e
+    import zipfile  # pylint: disable=g-import-not-at-top
+    # mmap needs torch's zip format (torch >= 1.6); the legacy format of older saves is read
+    # into memory instead, still with weights_only (no code from the file runs).
     try:
-      sd = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+      sd = torch.load(path, map_location='cpu', mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as e:  # truncated zip, not a pickle, ...
+      first = (str(e).strip().splitlines() or [''])[0]   # torch's messages run to many lines
       raise CheckpointError(f'checkpoint: cannot read {path} as a PyTorch file '
-                            f'({type(e).__name__}: {e})') from e
+                            f'({type(e).__name__}: {first})') from e
     if not isinstance(sd, Mapping):
       raise CheckpointError(f'checkpoint: {path} holds a {type(sd).__name__}, not a state dict')
     return sd

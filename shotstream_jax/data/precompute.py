@@ -116,11 +116,16 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   """
   from shotstream_jax.convert import umt5 as convert_umt5  # pylint: disable=g-import-not-at-top
   from shotstream_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
-  if not tokenizer_path:
-    raise ValueError('tokenizer: required; pass the google/umt5-xxl folder (spiece.model or '
-                     'tokenizer.json)')
-  tok = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)
-  weights = {'tokenizer': os.path.abspath(tokenizer_path)}
+  if tokenizer_path:
+    tok = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)
+    weights = {'tokenizer': os.path.abspath(tokenizer_path)}
+  elif config.preset == 'tiny':    # tiny's embedded tokenizer, as generation uses at tiny
+    tok = tokenizer_lib.HashTokenizer(config.text.text_len, config.text.vocab_size)
+    weights = {'tokenizer': 'embedded(hash)'}
+  else:
+    raise ValueError(f'tokenizer: required at preset {config.preset!r}; pass the tokenizer '
+                     'folder (spiece.model or tokenizer.json: google/umt5-xxl for wan_1_3b, '
+                     '<chain root>/export/tokenizer for storyworld)')
   vae = vae_lib.WanVAE(config.vae)
   if vae_path:
     vae_params = _load_params(vae_path, 'vae', lambda p: convert_vae.load_vae(p, config.vae))

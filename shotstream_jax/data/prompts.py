@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 
 class PromptFormatError(ValueError):
@@ -50,6 +50,34 @@ def shot_prompt(global_caption: str, index: int, caption: str) -> str:
   return f'{global_caption}shot{index}:{caption}'
 
 
+def fit_shot_prompt(global_caption: str, index: int, caption: str,
+                    num_tokens: Callable[[str], int], budget: int) -> Tuple[str, int]:
+  """(prompt, tokens cut): `shot_prompt` itself when it fits `budget` tokens, else the same
+  text with whole words cut from the end of the global caption until it does.
+
+  The reference appends the shot prompt after the global caption and truncates the total, so a
+  long global caption silently erases every shot prompt (all shots then get the same
+  conditioning). Cutting the global caption instead keeps what differs between shots; a prompt
+  that fits is untouched, so every reference story encodes exactly as before. If the shot part
+  alone is over budget the tokenizer truncates it; the count says how much was lost.
+  """
+  full = shot_prompt(global_caption, index, caption)
+  total = num_tokens(full)
+  if total <= budget:
+    return full, 0
+  words = global_caption.split(' ')
+  keep = lambda k: (' '.join(words[:k]).rstrip() + ' ') if k else ''
+  lo, hi = 0, len(words) - 1       # most words of the caption that still fit: in [lo, hi]
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if num_tokens(shot_prompt(keep(mid), index, caption)) <= budget:
+      lo = mid
+    else:
+      hi = mid - 1
+  prompt = shot_prompt(keep(lo), index, caption)
+  return prompt, total - min(num_tokens(prompt), budget)
+
+
 def shot_prompts(global_caption: str, captions: Sequence[str]) -> List[str]:
   return [shot_prompt(global_caption, i, c) for i, c in enumerate(captions)]
 
@@ -64,6 +92,9 @@ def story_from_dict(d, source: str = '<dict>', num_shots: Optional[int] = None) 
   if not isinstance(g, str) or not g.strip():
     raise PromptFormatError(f'{source}: field global_caption: must be a non-empty string')
   keys = sorted((int(m.group(1)) for k in d if (m := re.fullmatch(r'shot(\d+)', k))))
+  if keys and keys[0] == 0:
+    raise PromptFormatError(f'{source}: field shot0: shots are numbered from shot1 (the '
+                            'reference\'s format); rename shot0..shotN-1 to shot1..shotN')
   n = keys[-1] if keys else 0
   if num_shots is not None:
     n = num_shots

@@ -92,13 +92,16 @@ class VideoWriter:
   """Append uint8 RGB frames [n, H, W, 3] to an h264 mp4 as they are produced.
 
   `fragmented=True` writes a fragmented mp4 that players can open while it is still growing
-  (interactive sessions); the default is a plain mp4.
+  (interactive sessions: every finished fragment is playable even if the process dies); the
+  default is a plain mp4, written to `<path>.part.mp4` and renamed on a clean close, so `path`
+  is never a half-written file (a plain mp4 is unplayable until its index is written last).
   """
 
   def __init__(self, path: str, fps: int = 16, quality: int = 8, fragmented: bool = False):
     self.path, self.fps, self.quality, self.fragmented = path, fps, quality, fragmented
     self.frames_written = 0
     self._gen = None
+    self._target = path if fragmented else path + '.part.mp4'
 
   def write(self, frames: np.ndarray) -> None:
     frames = np.asarray(frames)
@@ -113,7 +116,7 @@ class VideoWriter:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       extra = ['-movflags', 'frag_keyframe+empty_moov'] if self.fragmented else None
       self._gen = imageio_ffmpeg.write_frames(
-          self.path, (w, h), fps=self.fps, quality=self.quality, macro_block_size=1,
+          self._target, (w, h), fps=self.fps, quality=self.quality, macro_block_size=1,
           ffmpeg_log_level='error', output_params=extra)
       with warnings.catch_warnings():  # JAX warns on any fork; ffmpeg is exec'd right away
         warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called')
@@ -126,12 +129,29 @@ class VideoWriter:
     if self._gen is not None:
       self._gen.close()
       self._gen = None
+      if self._target != self.path:
+        os.replace(self._target, self.path)
+
+  def abort(self) -> None:
+    """Stop without publishing: the partial file is removed (a fragmented one is kept: what
+    it holds so far plays)."""
+    if self._gen is not None:
+      try:
+        self._gen.close()
+      except Exception:  # pylint: disable=broad-except  # ffmpeg may already be gone
+        pass
+      self._gen = None
+      if self._target != self.path and os.path.exists(self._target):
+        os.remove(self._target)
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 16, quality: int = 8) -> None:

@@ -59,6 +59,11 @@ class _PaddedTokenizer:
   Subclasses set `text_len`, `clean`, `pad_id`, `eos_id` and implement `encode(text)`.
   """
 
+  def num_tokens(self, prompt: str) -> int:
+    """Tokens of `prompt` (cleaned as `__call__` cleans it), EOS not counted: the prompt fits
+    untruncated when this is at most `text_len - 1`."""
+    return len(self.encode(clean_prompt(prompt) if self.clean else prompt))
+
   def __call__(self, prompts: Union[str, Sequence[str]], allow_empty: bool = False,
                clean: Optional[bool] = None):
     """Cleaned, tokenised, EOS-terminated, truncated and padded prompts.

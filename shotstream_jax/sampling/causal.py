@@ -128,7 +128,9 @@ class CausalSampler:
 def check_layout(model_cfg, sampling_cfg, latent_hw) -> None:
   """One clear error for inconsistent chunk / shot / cache sizes."""
   n, shot = model_cfg.chunk_frames, sampling_cfg.shot_latent_frames
-  if n < 1 or shot < 1 or shot % n:
+  if shot < 1:
+    raise ValueError(f'sampling.shot_latent_frames: must be >= 1, got {shot}')
+  if n < 1 or shot % n:
     raise ValueError(f'model.chunk_frames: must divide sampling.shot_latent_frames ({shot}), '
                      f'got {n}')
   if sampling_cfg.local_frames < n or sampling_cfg.local_frames % n:

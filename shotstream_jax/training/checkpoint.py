@@ -17,10 +17,13 @@ one copy, written by the primary process, restores all of them.
 """
 
 import os
-from typing import Any, Optional, Tuple
+import sys
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+
+DAMAGED = 'damaged'   # <checkpoints>/damaged/<step>[.<n>]: skipped step directories
 
 
 class Checkpointer:
@@ -62,11 +65,23 @@ class Checkpointer:
     return out.state, dict(out.data or {})
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[int, Any, dict]]:
-    """(step, state, data_state) of the newest complete checkpoint, or None if there is none."""
-    step = self.latest_step()
-    if step is None:
+    """(step, state, data_state) of the newest loadable checkpoint, or None if there is none.
+
+    A newest step that fails to load (files deleted or truncated by a full disk or an
+    interrupted copy) or holds non-finite arrays is skipped for the one before it, with a
+    warning naming it and why; skipped step directories are moved to `damaged/` (kept for
+    inspection, out of the way of the steps this run saves again). If no step loads, raises
+    ValueError listing each and why rather than silently starting from scratch.
+    """
+    found = newest_loadable(self.directory, self.all_steps(),
+                            lambda step: self.restore(step, abstract_state),
+                            lambda out: out[0].params)
+    if found is None:
       return None
-    state, data = self.restore(step, abstract_state)
+    step, (state, data), skipped = found
+    if skipped:
+      quarantine(self.directory, skipped)
+      self.manager.reload()
     return step, state, data
 
   def wait(self):
@@ -81,3 +96,50 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings`, for restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def _reason(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:200] if lines else ""}'.rstrip(': ')
+
+
+def newest_loadable(directory: str, steps: Sequence[int], load: Callable[[int], Any],
+                    params_of: Callable[[Any], Any] = lambda x: x):
+  """(step, load(step), skipped steps) for the newest step of `steps` that loads and whose
+  `params_of(loaded)` is finite; None when `steps` is empty. Each skipped step is reported on
+  stderr with its reason; ValueError when none loads. The one walk-back rule for resume
+  (Checkpointer.restore_latest) and for reading networks out of a workdir (training/init.py).
+  """
+  from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  skipped, reasons = [], []
+  for step in sorted(steps, reverse=True):
+    try:
+      out = load(step)
+      bad = checkpoints.nonfinite_paths(params_of(out))
+      if bad:
+        raise ValueError(f'non-finite params (NaN/Inf at {bad})')
+    except Exception as e:  # pylint: disable=broad-except  # any damage: try the step before
+      reasons.append(f'step {step}: {_reason(e)}')
+      print(f'checkpoint: skipping step {step} in {directory}: {_reason(e)}', file=sys.stderr,
+            flush=True)
+      skipped.append(step)
+      continue
+    return step, out, skipped
+  if skipped:
+    raise ValueError(f'checkpoint: no loadable step in {directory} ({"; ".join(reasons)})')
+  return None
+
+
+def quarantine(directory: str, steps: List[int]):
+  """Move step directories to <directory>/damaged/ (never deleted: nothing is lost)."""
+  dest_root = os.path.join(directory, DAMAGED)
+  os.makedirs(dest_root, exist_ok=True)
+  for step in steps:
+    src = os.path.join(directory, str(step))
+    if not os.path.exists(src):
+      continue
+    dest, n = os.path.join(dest_root, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_root, f'{step}.{n}'), n + 1
+    os.replace(src, dest)
+    print(f'checkpoint: moved damaged step {step} to {dest}', file=sys.stderr, flush=True)

@@ -23,14 +23,18 @@ CHECKPOINTS = 'checkpoints'   # training/train_loop.py: <workdir>/checkpoints/<s
 STATE_ITEM = 'state'
 
 
-def _latest_step_dir(ckpt_dir: str) -> str:
-  """The newest finalized step directory (orbax ignores unfinished temporary ones)."""
+def _from_newest_step(ckpt_dir: str, load):
+  """load(step_dir) of the newest finalized step that loads with finite params; a damaged
+  newest step (checkpoint.newest_loadable) is skipped with a warning, not fatal."""
+  from shotstream_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(ckpt_dir, item_names=(STATE_ITEM, 'data'),
                              options=ocp.CheckpointManagerOptions(create=False)) as manager:
-    step = manager.latest_step()
-  if step is None:
+    steps = list(manager.all_steps())
+  found = ckpt_lib.newest_loadable(ckpt_dir, steps,
+                                   lambda step: load(os.path.join(ckpt_dir, str(step))))
+  if found is None:
     raise FileNotFoundError(f'init: no complete checkpoint in {ckpt_dir}')
-  return os.path.join(ckpt_dir, str(step))
+  return found[1]
 
 
 def _restore_network(step_dir: str, network: str, model_cfg, field: str, sharding=None):
@@ -92,20 +96,25 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
   if not os.path.exists(path):
     raise FileNotFoundError(f'{field}: {path} does not exist')
   if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    params = _restore_network(_latest_step_dir(os.path.join(path, CHECKPOINTS)), network,
-                              model_cfg, field, sharding)
+    params = _from_newest_step(os.path.join(path, CHECKPOINTS), lambda d: _restore_network(
+        d, network, model_cfg, field, sharding))
   elif os.path.isdir(os.path.join(path, STATE_ITEM)):
     params = _restore_network(path, network, model_cfg, field, sharding)
+    _check_finite(params, path, field)
   elif os.path.isdir(path):
     from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
     try:
       params = checkpoints.restore_params(path)
+    except checkpoints.NonFiniteParamsError as e:
+      raise ValueError(f'{field}: {e}') from None
     except (FileNotFoundError, ValueError) as e:
       raise ValueError(f'{field}: {path} is neither a training workdir (no {CHECKPOINTS}/) nor '
                        f'an orbax params directory ({e})') from e
   else:
     from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
     params = convert_dit.load_dit(path, model_cfg)
+    _check_finite(params, path, field)
+  # (a workdir's steps and orbax params directories are checked for NaN/Inf as they load)
   check_shapes(params, model_cfg, path, field)
   return jax.device_put(params, sharding) if sharding is not None else params
 
@@ -118,7 +127,21 @@ def restore_networks(path: str, networks, field: str = '--workdir') -> dict:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    path = _latest_step_dir(os.path.join(path, CHECKPOINTS))
+    return _from_newest_step(os.path.join(path, CHECKPOINTS),
+                             lambda d: _restore_step_networks(d, networks, field))
+  out = _restore_step_networks(path, networks, field)
+  _check_finite(out, path, field)
+  return out
+
+
+def _check_finite(params, path: str, field: str):
+  from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  bad = checkpoints.nonfinite_paths(params)
+  if bad:
+    raise ValueError(f'{field}: {path} holds non-finite params (NaN/Inf at {bad})')
+
+
+def _restore_step_networks(path: str, networks, field: str) -> dict:
   state_dir = os.path.join(path, STATE_ITEM)
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f'{field}: {path} is not a training workdir (no {CHECKPOINTS}/) '

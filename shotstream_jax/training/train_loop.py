@@ -22,6 +22,7 @@ Stages with frozen networks or their own param labels (DMD: teacher, LoRA bases)
 `stage.optimizer() -> optax.GradientTransformation` in place of `make_optimizer`.
 """
 
+import contextlib
 import importlib
 import logging
 import os
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 import tqdm
 
+from shotstream_jax import checkpoints
 from shotstream_jax.training import checkpoint as ckpt_lib
 from shotstream_jax.training import metrics as metrics_lib
 from shotstream_jax.training import sharding as sharding_lib
@@ -151,8 +153,11 @@ def default_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> C
 def guarded(step_fn: Callable) -> Callable:
   """Keeps params and opt state unchanged when the loss or a grad norm is NaN/Inf.
 
-  The decision is made on device (jnp.where), so a skipped step costs no host round trip;
-  step and rng still advance (the batch was consumed). metrics['finite'] tells the host.
+  The decision is made on device (jnp.where on scalars the step has already reduced), so a
+  skipped step costs no host round trip and adds no collective; step and rng still advance
+  (the batch was consumed). metrics['finite'] tells the host. A finite gradient can still give
+  a non-finite update (AdamW with eps=0 divides 0 by 0; lr=nan): `train` checks the updated
+  state outside this program (`checkpoints.finite_flags`, per device, collective-free).
   """
   def step(state: TrainState, batch):
     new, metrics = step_fn(state, batch)
@@ -248,6 +253,8 @@ def train(config, workdir: str, *, stage=None,
   and debugging (fault injection, probes); `step` is the 1-based number of the step.
   """
   tc = config.train
+  if tc.num_steps < 1:
+    raise ValueError(f'train.num_steps: must be >= 1, got {tc.num_steps}')
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:   # what generation needs to run this workdir's networks
     with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
@@ -267,50 +274,55 @@ def train(config, workdir: str, *, stage=None,
   make_tx = getattr(stage, 'optimizer', None)
   tx = make_tx() if make_tx else make_optimizer(config.optim, stage.networks)
   shapes, shardings = state_shardings(stage, tx, mesh, rules)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                       keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
-  iterator = stage.train_iterator(jax.process_index(), jax.process_count(), local_batch)
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
-  if restored is None:
-    state, start = init_state(stage, tx, shardings, tc.seed), 0
-  else:
-    start, state, data_state = restored
-    iterator.set_state(data_state)
-    if jax.process_index() == 0:
-      print(f'train: resumed from step {start} in {checkpointer.directory}', flush=True)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
+  # Every exit, errors included, closes the checkpointer: an open async orbax manager keeps
+  # the interpreter from exiting (a hang instead of an error).
+  with contextlib.ExitStack() as cleanup:
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
+    cleanup.callback(checkpointer.close)
+    iterator = stage.train_iterator(jax.process_index(), jax.process_count(), local_batch)
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
+    if restored is None:
+      state, start = init_state(stage, tx, shardings, tc.seed), 0
+    else:
+      start, state, data_state = restored
+      iterator.set_state(data_state)
+      if jax.process_index() == 0:
+        print(f'train: resumed from step {start} in {checkpointer.directory}', flush=True)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
+    cleanup.callback(writer.close)
 
-  make_step = getattr(stage, 'train_step', None)
-  step_fn = guarded(make_step(tx) if make_step else default_train_step(stage.loss, tx))
-  jitted, eval_jitted = None, None
-  eval_batches = stage.eval_batches(local_batch) if tc.eval_every else []
-  repl = sharding_lib.replicated(mesh)
+    make_step = getattr(stage, 'train_step', None)
+    step_fn = guarded(make_step(tx) if make_step else default_train_step(stage.loss, tx))
+    jitted, eval_jitted = None, None
+    eval_batches = stage.eval_batches(local_batch) if tc.eval_every else []
+    repl = sharding_lib.replicated(mesh)
 
-  def evaluate(step):
-    nonlocal eval_jitted
-    if not eval_batches:
-      return {}
-    if eval_jitted is None:
-      eval_jitted = jax.jit(stage.eval_metrics, in_shardings=(
-          shardings.params, sharding_lib.batch_shardings(eval_batches[0], mesh), repl),
-          out_shardings=repl)
-    sums = {}
-    for i, b in enumerate(eval_batches):
-      key = jax.device_put(_key_data(tc.eval_seed + i), repl)
-      m = jax.device_get(eval_jitted(state.params, sharding_lib.shard_batch(b, mesh), key))
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    out = {f'eval/{k}': v / len(eval_batches) for k, v in sums.items()}
-    writer.write(step, out)
-    return out
+    def evaluate(step):
+      nonlocal eval_jitted
+      if not eval_batches:
+        return {}
+      if eval_jitted is None:
+        eval_jitted = jax.jit(stage.eval_metrics, in_shardings=(
+            shardings.params, sharding_lib.batch_shardings(eval_batches[0], mesh), repl),
+            out_shardings=repl)
+      sums = {}
+      for i, b in enumerate(eval_batches):
+        key = jax.device_put(_key_data(tc.eval_seed + i), repl)
+        m = jax.device_get(eval_jitted(state.params, sharding_lib.shard_batch(b, mesh), key))
+        for k, v in m.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+      out = {f'eval/{k}': v / len(eval_batches) for k, v in sums.items()}
+      writer.write(step, out)
+      return out
 
-  if start == 0 and eval_batches:
-    evaluate(0)
-  bar = tqdm.tqdm(total=tc.num_steps, initial=start, desc=f'train {config.stage}',
-                  disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True)
-  skipped, t0, window = 0, time.time(), []
-  step = start
-  try:
+    if start == 0 and eval_batches:
+      evaluate(0)
+    bar = tqdm.tqdm(total=tc.num_steps, initial=start, desc=f'train {config.stage}',
+                    disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True)
+    skipped, t0, window = 0, time.time(), []
+    step = start
+    cleanup.callback(bar.close)
     while step < tc.num_steps:
       host_batch = next(iterator)
       step += 1
@@ -318,19 +330,32 @@ def train(config, workdir: str, *, stage=None,
         host_batch = batch_hook(step, host_batch)
       batch = sharding_lib.shard_batch(host_batch, mesh)
       if jitted is None:
+        # Skipping keeps the previous state to fall back on, so it cannot be donated.
         jitted = jax.jit(step_fn, in_shardings=(shardings,
                                                 sharding_lib.batch_shardings(host_batch, mesh)),
-                         out_shardings=(shardings, repl), donate_argnums=(0,))
+                         out_shardings=(shardings, repl),
+                         donate_argnums=() if tc.skip_nonfinite else (0,))
+      previous = state
       state, metrics = jitted(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not metrics['finite']:
-        bad = {k: v for k, v in metrics.items() if not np.isfinite(v) and _guarded_key(k)}
+      bad = [k for k, v in metrics.items() if not np.isfinite(v) and _guarded_key(k)]
+      if not bad:
+        bad_update = checkpoints.nonfinite_paths({'params': state.params,
+                                                  'opt_state': state.opt_state})
+        if bad_update:
+          bad = [f'update (params or optimizer state at {bad_update}, from a finite loss and '
+                 'gradients: check the learning rate and eps)']
+          if tc.skip_nonfinite:
+            state = previous.replace(step=state.step, rng=state.rng)
+          metrics['finite'] = 0.0
+      if bad:
         if not tc.skip_nonfinite:
-          raise NonFiniteError(f'train: non-finite loss or gradient at step {step} ({bad}); '
-                               'the step was not applied; set train.skip_nonfinite=True to '
-                               'skip such steps')
+          raise NonFiniteError(f'train: non-finite {", ".join(bad)} at step {step}; the run '
+                               'stopped before saving it, nothing non-finite was saved; set '
+                               'train.skip_nonfinite=True to skip such steps')
         skipped += 1
-        logging.warning('train: skipped step %d: non-finite %s', step, bad)
+        logging.warning('train: skipped step %d: non-finite %s', step, ', '.join(bad))
+      previous = None
       metrics['skipped_steps'] = skipped
       if step_hook is not None:
         step_hook(step, state, metrics)
@@ -347,8 +372,7 @@ def train(config, workdir: str, *, stage=None,
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))
       checkpointer.save(step, state, iterator.get_state(), force=step == tc.num_steps)
       bar.update(1)
-  finally:
-    bar.close()
-    checkpointer.close()
-    writer.close()
+  if step > start and skipped == step - start:
+    raise NonFiniteError(f'train: all {skipped} steps of this run were non-finite and skipped; '
+                         'nothing was trained (check the learning rate, eps and the data)')
   return state
