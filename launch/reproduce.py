@@ -9,6 +9,9 @@ latent statistics folded in, the SentencePiece vocabulary and frozen umT5, preco
 command after a kill: finished steps are skipped, training resumes from its last checkpoint.
 <root>/chain.json holds each step's wall time.
 
+--carry=DIR first copies an earlier run's outputs into --root (DIR laid out like it, e.g.
+weights/storyworld_progress/export/vae.safetensors: stage 0 is then done).
+
 --set=step:field=value overrides a config field of one step (repeatable), e.g.
 --set=teacher:train.num_steps=100 --set=model:sampling.fps=8 for a quick run.
 """
@@ -32,6 +35,9 @@ _STEPS = flags.DEFINE_list('steps', [], 'Run only these steps (default: all).')
 _EVAL = flags.DEFINE_bool('evaluate', True, 'Run the harness after the chain (--noevaluate: '
                           'reuse <root>/eval/results.json if there, e.g. to --ship).')
 _NUM_STORIES = flags.DEFINE_integer('num_stories', 32, 'Held-out stories of the harness.')
+_CARRY = flags.DEFINE_string('carry', '', 'A folder laid out like --root with outputs of an '
+                             'earlier run (e.g. weights/storyworld_progress: the stage-0 '
+                             'export); copied in first, and the steps they finish are skipped.')
 _SHIP = flags.DEFINE_string('ship', '', 'Copy the finished model directory here (e.g. '
                             'weights/storyworld), with the harness numbers in its manifest.')
 
@@ -52,13 +58,13 @@ def parse_overrides(items):
   return out
 
 
-def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship):
+def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship, carry=''):
   # pylint: disable=g-import-not-at-top
   from shotstream_jax import embedded
   from shotstream_jax.eval import harness
   from shotstream_jax.training import chain as chain_lib
   start = time.time()
-  times = chain_lib.run_chain(root, preset, overrides, steps or None)
+  times = chain_lib.run_chain(root, preset, overrides, steps or None, carry=carry)
   result = None
   eval_dir = os.path.join(root, 'eval')
   eval_time = os.path.join(eval_dir, 'wall_s.json')
@@ -102,7 +108,8 @@ def main(argv):
   cli.quiet_logs()
   summary = cli.exit_on_user_error(reproduce, _ROOT.value, _PRESET.value,
                                    cli.exit_on_user_error(parse_overrides, _SET.value),
-                                   _STEPS.value, _EVAL.value, _NUM_STORIES.value, _SHIP.value)
+                                   _STEPS.value, _EVAL.value, _NUM_STORIES.value, _SHIP.value,
+                                   _CARRY.value)
   print(json.dumps(summary, indent=1))
 
 

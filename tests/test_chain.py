@@ -51,3 +51,17 @@ def test_chain_end_to_end(tmp_path):
   with open(os.path.join(ch.path('precomputed', 'train'), 'meta.json')) as f:
     meta = json.load(f)
   assert meta['num_examples'] == 8 and meta['weights']['vae'].endswith('vae.safetensors')
+
+  # A carried stage-0 export (as weights/storyworld_progress holds) finishes stage 0 in a new
+  # root: the next steps run on it, the VAE is not trained again, the bytes are the carried ones.
+  carry = tmp_path / 'carry' / 'export'
+  carry.mkdir(parents=True)
+  for name in ('vae.safetensors', 'vae.stats.json'):
+    carry.joinpath(name).write_bytes(open(ch.path('export', name), 'rb').read())
+  fresh, later = str(tmp_path / 'fresh'), []
+  chain_lib.run_chain(fresh, 'storyworld', OVERRIDES, steps=['vae', 'vae_export', 'text'],
+                      log=later.append, carry=str(tmp_path / 'carry'))
+  assert 'carried in' in later[0] and 'vae done' in later[1] and 'vae_export done' in later[2]
+  assert not os.path.exists(os.path.join(fresh, 'vae'))
+  assert open(os.path.join(fresh, 'export', 'vae.safetensors'), 'rb').read() == \
+      carry.joinpath('vae.safetensors').read_bytes()

@@ -74,6 +74,35 @@ def test_example_first_shot_has_zero_context():
                                target_shot='first')
 
 
+def test_example_without_context_is_the_shot_alone():
+  """context_frames=0 (teacher.use_context=False, pre-training): no context frames, the target shot
+  routed as a first shot (id 1) but on its own caption (a table of that one row)."""
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(30):
+    ex = teacher_stage.make_example(_record(), rng, context_frames=0, target_frames=1)
+    s = int(ex['latents'][0, 0, 0, 0]) // 3        # latents count 0..8, 3 per shot
+    seen.add(s)
+    assert ex['latents'].shape == (1, 2, 2, 16) and ex['latents'][0, 0, 0, 0] == 3 * s
+    np.testing.assert_array_equal(ex['frame_shot'], [1])
+    np.testing.assert_array_equal(ex['frame_caption'], [0])
+    np.testing.assert_array_equal(ex['target_mask'], [1])
+    np.testing.assert_array_equal(ex['text'][:, 0, 0], [1 + s])
+  assert seen == {0, 1, 2}
+
+
+def test_context_free_teacher_trains(data_dir, tmp_path):
+  c = train_fixtures.tiny_config(data_dir, **{
+      'teacher.use_context': False, 'teacher.target_frames': 1, 'train.num_steps': 40,
+      'train.eval_every': 40, 'train.log_every': 10, 'train.checkpoint_every': 40})
+  workdir = str(tmp_path / 'run')
+  train_loop.train(c, workdir)
+  evals = [r['eval/flow_mse'] for r in metrics_lib.read_jsonl(workdir) if 'eval/flow_mse' in r]
+  assert len(evals) == 2 and evals[1] < 0.8 * evals[0], evals
+  batch = next(teacher_stage.TeacherStage(c, str(tmp_path / 'again')).train_iterator(0, 1, 4))
+  assert batch['latents'].shape[1] == 1 and batch['text'].shape[1] == 1
+
+
 def test_loss_weights():
   t = schedule.shifted_grid(1000, 8.0) * 1000
   w = teacher_stage.loss_weights(t)

@@ -27,6 +27,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.init_from = ''            # '' = random init; a Wan/ShotStream file or our orbax dir
   t.target_shot = 'random'    # 'random' shot of the story, or its 'last'
   t.target_frames = c.sampling.shot_latent_frames   # latent frames of the target (padded / cut)
+  # False: no context frames at all, each shot alone on its own caption (with target_frames=1:
+  # images, a shot's first latent frame), a cheap pre-training of the same network.
+  t.use_context = True
   t.context_dropout = 0.1
   t.prompt_dropout = 0.1
   t.weighting = 'bump'        # w(t); 'uniform' turns it off

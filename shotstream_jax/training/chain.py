@@ -17,14 +17,16 @@ from their last complete checkpoint). `root/chain.json` records each step's wall
 `overrides` maps a step name to dotted config fields, e.g. {'teacher': {'train.num_steps': 5}};
 two more keys apply to every step: 'data' (fields of `data.storyworld`, e.g. num_train) and
 'model' (fields of the model config, e.g. model.num_layers; also the shipped model's config).
-`steps` limits the run to some steps (their inputs must exist).
+`steps` limits the run to some steps (their inputs must exist). `carry` copies the outputs of
+an earlier run in first (e.g. a stage-0 export: stage 0 is then done).
 """
 
 import importlib
 import json
 import os
+import shutil
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -100,6 +102,8 @@ class Chain:
   # ---------------------------------------------------------------- steps
 
   def done(self, step: str) -> bool:
+    if step == 'vae' and os.path.exists(self.vae_file):   # stage 0's product is its export
+      return True
     if step in TRAIN_CONFIGS:
       return _finished(self.workdir(step), self.config(step).train.num_steps)
     marker = {'vae_export': self.vae_file, 'text': self.text_file,
@@ -170,15 +174,44 @@ class Chain:
                          jax.device_get(text), self.tokenizer_dir, manifest)
 
 
+def carry_in(carry: str, root: str, log=print) -> List[str]:
+  """Copies every file under `carry` (a folder laid out like `root`, e.g. holding
+  export/vae.safetensors and its .stats.json from an earlier run) into `root` where `root` has
+  none yet; returns the copied paths, relative. Steps whose outputs arrive this way are skipped.
+
+  Why: stage 0 alone is ~35 minutes on the 2-core CPU; a trained step carried between
+  sessions (or machines) lets the next one spend its time on the stages still to train.
+  """
+  if not os.path.isdir(carry):
+    raise FileNotFoundError(f'--carry: no folder at {carry}')
+  copied = []
+  for folder, _, files in os.walk(carry):
+    for name in sorted(files):
+      rel = os.path.relpath(os.path.join(folder, name), carry)
+      dst = os.path.join(root, rel)
+      if not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(os.path.join(carry, rel), dst + '.tmp')
+        os.replace(dst + '.tmp', dst)
+        copied.append(rel)
+  if copied:
+    log(f'chain: carried in from {carry}: {", ".join(sorted(copied))}')
+  return sorted(copied)
+
+
 def run_chain(root: str, preset: str = 'storyworld', overrides=None,
-              steps: Optional[Sequence[str]] = None, log=print) -> Dict[str, float]:
-  """Runs the chain's steps in order (skipping finished ones); returns {step: seconds}."""
+              steps: Optional[Sequence[str]] = None, log=print,
+              carry: str = '') -> Dict[str, float]:
+  """Runs the chain's steps in order (skipping finished ones); returns {step: seconds}.
+  `carry`: a folder of earlier outputs copied in first (`carry_in`)."""
   chain = Chain(root, preset, overrides)
   todo = list(steps or STEPS)
   bad = [s for s in todo if s not in STEPS]
   if bad:
     raise ValueError(f'steps: unknown {bad}; accepted: {", ".join(STEPS)}')
   os.makedirs(chain.root, exist_ok=True)
+  if carry:
+    carry_in(carry, chain.root, log)
   times = read_times(chain.root)
   for step in STEPS:
     if step not in todo:

@@ -4,6 +4,8 @@ One training example is one target shot s of a story, laid out on the frame axis
 
     [ C clean context latents from shots < s | T target latents ]      C = model.context_frames
 
+(C = 0 with teacher.use_context=False: shots without context, images with T = 1: pre-training.)
+
 The context frames are the reference's picks (context.choose_context: budget split over earlier
 shots, round(linspace) inside each, each frame encoded alone); a frame from shot j carries RoPE
 shot id j and attends to shot j's caption; the target frames carry `last id + 1` and their own
@@ -56,7 +58,8 @@ def make_example(record, rng: np.random.Generator, *, context_frames: int, targe
   shot_frames = np.asarray(record['shot_frames'])
   num_shots = len(shot_frames)
   s = int(rng.integers(num_shots)) if target_shot == 'random' else num_shots - 1
-  choice = context_lib.choose_context(shot_frames[:s].tolist(), context_frames)
+  choice = (context_lib.choose_context(shot_frames[:s].tolist(), context_frames)
+            if context_frames else context_lib.no_context(s, 0))
   latents = np.asarray(record['latents'])
   c, t = context_frames, target_frames
   x = np.zeros((c + t,) + latents.shape[1:], np.float32)
@@ -158,13 +161,14 @@ class TeacherStage:
         raise ValueError(f'teacher.{name}: must be in [0, 1), got {tc[name]}')
     if tc.target_frames < 1:
       raise ValueError(f'teacher.target_frames: must be >= 1, got {tc.target_frames}')
+    context_frames = config.model.context_frames if tc.use_context else 0
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     self.latent_stats = data_lib.latent_stats(self.train_dir)
     self._example = functools.partial(
-        make_example, context_frames=config.model.context_frames,
+        make_example, context_frames=context_frames,
         target_frames=tc.target_frames, target_shot=tc.target_shot)
     self._loss = functools.partial(
-        flow_loss, self.model, context_frames=config.model.context_frames,
+        flow_loss, self.model, context_frames=context_frames,
         grid_sigmas=self.grid_sigmas, weights=self.weights,
         num_train_timesteps=config.sampling.num_train_timesteps)
 
