@@ -18,6 +18,8 @@ OVERRIDES = {
               'model.ffn_dim': 64, 'vae.base_dim': 4},
     'vae': {'train.num_steps': 2, 'train.eval_every': 2, 'vae_train.stat_clips': 4,
             'optim.vae.warmup_steps': 1},
+    'teacher_image': {'train.num_steps': 2, 'data.batch_size': 4,
+                      'optim.teacher.warmup_steps': 1},
     'teacher': {'train.num_steps': 2, 'train.eval_every': 2, 'data.batch_size': 4,
                 'optim.teacher.warmup_steps': 1},
     'ode': {'train.num_steps': 2, 'train.eval_every': 0, 'data.batch_size': 2},
@@ -30,7 +32,7 @@ def test_chain_end_to_end(tmp_path):
   root = str(tmp_path / 'chain')
   logs = []
   # First run stops after the teacher (as a kill would), the second finishes.
-  chain_lib.run_chain(root, 'storyworld', OVERRIDES, steps=chain_lib.STEPS[:5], log=logs.append)
+  chain_lib.run_chain(root, 'storyworld', OVERRIDES, steps=chain_lib.STEPS[:6], log=logs.append)
   times = chain_lib.run_chain(root, 'storyworld', OVERRIDES, log=logs.append)
   assert list(times) == list(chain_lib.STEPS)
   assert any('teacher done' in l for l in logs)           # not trained twice

@@ -103,6 +103,14 @@ def test_context_free_teacher_trains(data_dir, tmp_path):
   assert batch['latents'].shape[1] == 1 and batch['text'].shape[1] == 1
 
 
+def test_heldout_split_smaller_than_a_batch_is_an_error(data_dir, tmp_path):
+  # 8 held-out stories, batches of 16: evaluation would have no batch and be skipped silently.
+  c = train_fixtures.tiny_config(data_dir, **{'data.batch_size': 16, 'train.eval_every': 1,
+                                              'train.num_steps': 1})
+  with pytest.raises(ValueError, match=r'data.batch_size: 16 per process is more than the 8'):
+    train_loop.train(c, str(tmp_path / 'run'))
+
+
 def test_loss_weights():
   t = schedule.shifted_grid(1000, 8.0) * 1000
   w = teacher_stage.loss_weights(t)

@@ -11,7 +11,8 @@ from their last complete checkpoint). `root/chain.json` records each step's wall
     vae/         stage 0 workdir                 export/vae.safetensors  (+ .stats.json)
     export/tokenizer/, export/text.safetensors   SentencePiece vocabulary, frozen umT5
     precomputed/{train,heldout}/                 latents, context candidates, umT5 rows
-    teacher/ ode/ dmd_intra/ dmd_inter/          stages 1-4 workdirs
+    teacher_image/                               stage 1a: the teacher pre-trained on images
+    teacher/ ode/ dmd_intra/ dmd_inter/          stages 1-4 workdirs (stage 1 starts from 1a)
     model/       the trained model directory (shotstream_jax/embedded.py layout)
 
 `overrides` maps a step name to dotted config fields, e.g. {'teacher': {'train.num_steps': 5}};
@@ -37,10 +38,11 @@ from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.training import data as data_lib
 
-STEPS = ('vae', 'vae_export', 'text', 'precompute', 'teacher', 'ode', 'dmd_intra', 'dmd_inter',
-         'model')
-TRAIN_CONFIGS = {'vae': 'vae', 'teacher': 'teacher', 'ode': 'ode_init',
-                 'dmd_intra': 'dmd_intra', 'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
+STEPS = ('vae', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher', 'ode',
+         'dmd_intra', 'dmd_inter', 'model')
+TRAIN_CONFIGS = {'vae': 'vae', 'teacher_image': 'teacher_image', 'teacher': 'teacher',
+                 'ode': 'ode_init', 'dmd_intra': 'dmd_intra',
+                 'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
 TIMES = 'chain.json'
 # Every digit, so shot prompts past the training stories' shot counts ("shot7:") tokenise.
 DIGITS_LINE = ' '.join(f'shot{i}:' for i in range(10))
@@ -80,7 +82,9 @@ class Chain:
     if step != 'vae':
       c.data.source = 'precomputed'
       c.data.train_dir, c.data.heldout_dir = self.train_dir, self.heldout_dir
-    if step == 'ode':
+    if step == 'teacher':
+      c.teacher.init_from = self.workdir('teacher_image')
+    elif step == 'ode':
       c.ode.init_from = self.workdir('teacher')
     elif step == 'dmd_intra':
       c.dmd.teacher_init = self.workdir('teacher')
