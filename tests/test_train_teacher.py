@@ -111,6 +111,15 @@ def test_heldout_split_smaller_than_a_batch_is_an_error(data_dir, tmp_path):
     train_loop.train(c, str(tmp_path / 'run'))
 
 
+def test_image_stage_config():
+  from configs.train import teacher_image  # pylint: disable=g-import-not-at-top
+  c = teacher_image.get_config('storyworld')
+  assert (c.train.num_steps, c.optim.teacher.decay_steps) == (10000, 0)
+  assert not c.teacher.use_context and c.teacher.target_frames == 1
+  c.train.num_steps = 20000      # extending the run leaves the schedule constant
+  assert c.optim.teacher.decay_steps == 0
+
+
 def test_loss_weights():
   t = schedule.shifted_grid(1000, 8.0) * 1000
   w = teacher_stage.loss_weights(t)

@@ -22,6 +22,7 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   c.train.num_steps = 10000 if preset == 'storyworld' else 4
   # Constant after warm-up: a run extended to more steps (resumed from its last checkpoint)
   # is the run that had the larger num_steps from the start.
+  del c.optim.teacher['decay_steps']   # a reference to train.num_steps: assigning would set it
   c.optim.teacher.decay_steps = 0
   c.train.eval_every = 0       # held-out flow MSE is stage 1's; this stage is judged by its samples
   c.train.checkpoint_every = 500
