@@ -6,10 +6,13 @@ import json
 import os
 
 import numpy as np
+from safetensors import numpy as st_numpy
 
 from shotstream_jax import embedded
 from shotstream_jax import pipeline
+from shotstream_jax.convert import dit as dit_convert
 from shotstream_jax.training import chain as chain_lib
+from shotstream_jax.training import init as init_lib
 
 # A shrunken storyworld preset: a 1-layer DiT, a base-4 VAE, 8 + 4 stories, 2 steps a stage.
 OVERRIDES = {
@@ -67,3 +70,19 @@ def test_chain_end_to_end(tmp_path):
   assert not os.path.exists(os.path.join(fresh, 'vae'))
   assert open(os.path.join(fresh, 'export', 'vae.safetensors'), 'rb').read() == \
       carry.joinpath('vae.safetensors').read_bytes()
+
+  # A carried stage-1a teacher (launch/export.py's layout) finishes stage 1a: stage 1 starts
+  # from that file and no image stage runs.
+  params = init_lib.restore_networks(ch.workdir('teacher_image'), ['teacher'])['teacher']
+  state = {'model.' + k: np.ascontiguousarray(v)
+           for k, v in dit_convert.dit_to_torch(params, config.model).items()}
+  st_numpy.save_file(state, str(carry / 'teacher_image.safetensors'))
+  later = []
+  chain_lib.run_chain(fresh, 'storyworld', OVERRIDES, steps=['precompute', 'teacher_image',
+                                                             'teacher'],
+                      log=later.append, carry=str(tmp_path / 'carry'))
+  assert any('teacher_image done' in l for l in later)
+  assert not os.path.exists(os.path.join(fresh, 'teacher_image'))
+  fresh_chain = chain_lib.Chain(fresh, 'storyworld', OVERRIDES)
+  assert fresh_chain.config('teacher').teacher.init_from == fresh_chain.teacher_image_file
+  assert fresh_chain.done('teacher')

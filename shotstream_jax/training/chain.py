@@ -62,6 +62,9 @@ class Chain:
                        f'{", ".join(STEPS)}')
     self.data_dir = self.path('data')
     self.vae_file = self.path('export', 'vae.safetensors')
+    # Stage 1a's teacher as a file: only ever carried in (launch/export.py of teacher_image/);
+    # when present, stage 1a is done and stage 1 starts from it.
+    self.teacher_image_file = self.path('export', 'teacher_image.safetensors')
     self.text_file = self.path('export', 'text.safetensors')
     self.tokenizer_dir = self.path('export', 'tokenizer')
     self.train_dir = self.path('precomputed', 'train')
@@ -83,7 +86,8 @@ class Chain:
       c.data.source = 'precomputed'
       c.data.train_dir, c.data.heldout_dir = self.train_dir, self.heldout_dir
     if step == 'teacher':
-      c.teacher.init_from = self.workdir('teacher_image')
+      c.teacher.init_from = (self.teacher_image_file if os.path.exists(self.teacher_image_file)
+                             else self.workdir('teacher_image'))
     elif step == 'ode':
       c.ode.init_from = self.workdir('teacher')
     elif step == 'dmd_intra':
@@ -107,6 +111,8 @@ class Chain:
 
   def done(self, step: str) -> bool:
     if step == 'vae' and os.path.exists(self.vae_file):   # stage 0's product is its export
+      return True
+    if step == 'teacher_image' and os.path.exists(self.teacher_image_file):
       return True
     if step in TRAIN_CONFIGS:
       return _finished(self.workdir(step), self.config(step).train.num_steps)
