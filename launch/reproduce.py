@@ -42,22 +42,6 @@ _SHIP = flags.DEFINE_string('ship', '', 'Copy the finished model directory here 
                             'weights/storyworld), with the harness numbers in its manifest.')
 
 
-def parse_overrides(items):
-  """['teacher:train.num_steps=5', ...] -> {'teacher': {'train.num_steps': 5}}."""
-  out = {}
-  for item in items:
-    step, sep, assignment = item.partition(':')
-    field, eq, value = assignment.partition('=')
-    if not sep or not eq or not field:
-      raise ValueError(f'--set: {item!r}; expected step:dotted.field=value')
-    try:
-      value = json.loads(value)
-    except json.JSONDecodeError:
-      pass   # a plain string
-    out.setdefault(step, {})[field] = value
-  return out
-
-
 def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship, carry=''):
   # pylint: disable=g-import-not-at-top
   from shotstream_jax import embedded
@@ -103,11 +87,16 @@ def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship, carry
   return summary
 
 
+def chain_overrides(items):
+  from shotstream_jax.training import chain as chain_lib  # pylint: disable=g-import-not-at-top
+  return chain_lib.parse_overrides(items)
+
+
 def main(argv):
   del argv
   cli.quiet_logs()
   summary = cli.exit_on_user_error(reproduce, _ROOT.value, _PRESET.value,
-                                   cli.exit_on_user_error(parse_overrides, _SET.value),
+                                   cli.exit_on_user_error(chain_overrides, _SET.value),
                                    _STEPS.value, _EVAL.value, _NUM_STORIES.value, _SHIP.value,
                                    _CARRY.value)
   print(json.dumps(summary, indent=1))

@@ -4,15 +4,19 @@ everything; a killed step resumes."""
 
 import json
 import os
+import sys
 
 import numpy as np
-from safetensors import numpy as st_numpy
+import pytest
+from PIL import Image
 
 from shotstream_jax import embedded
 from shotstream_jax import pipeline
-from shotstream_jax.convert import dit as dit_convert
+from shotstream_jax.eval import teacher_probe
 from shotstream_jax.training import chain as chain_lib
-from shotstream_jax.training import init as init_lib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # A shrunken storyworld preset: a 1-layer DiT, a base-4 VAE, 8 + 4 stories, 2 steps a stage.
 OVERRIDES = {
@@ -44,6 +48,13 @@ def test_chain_end_to_end(tmp_path):
   assert len(again) == len(chain_lib.STEPS) and all('skipped' in l for l in again)
 
   ch = chain_lib.Chain(root, 'storyworld', OVERRIDES)
+  for stage in ('teacher_image', 'teacher'):   # the teacher probe runs on both stages' layouts
+    out = teacher_probe.probe(root, stage, 2, 2.0, 2, str(tmp_path / 'probe'), 'storyworld',
+                              OVERRIDES)
+    assert set(out['x0_mse']) == {str(s) for s in teacher_probe.SIGMAS}
+    assert all(np.isfinite(v) and v > 0 for v in out['x0_mse'].values())
+    columns = 2 if stage == 'teacher_image' else 1 + 6 + 6   # [context,] GT, sampled frames
+    assert Image.open(out['samples_png']).size == (3 * 32 * columns, 3 * 32 * 2)
   manifest = embedded.read_manifest(ch.model_dir)
   assert manifest['preset'] == 'storyworld' and set(manifest['bytes']) == set(
       embedded.FILES.values())
@@ -73,10 +84,8 @@ def test_chain_end_to_end(tmp_path):
 
   # A carried stage-1a teacher (launch/export.py's layout) finishes stage 1a: stage 1 starts
   # from that file and no image stage runs.
-  params = init_lib.restore_networks(ch.workdir('teacher_image'), ['teacher'])['teacher']
-  state = {'model.' + k: np.ascontiguousarray(v)
-           for k, v in dit_convert.dit_to_torch(params, config.model).items()}
-  st_numpy.save_file(state, str(carry / 'teacher_image.safetensors'))
+  export_lib.export(ch.config('teacher_image'), ch.workdir('teacher_image'), 'teacher',
+                    str(carry / 'teacher_image.safetensors'))
   later = []
   chain_lib.run_chain(fresh, 'storyworld', OVERRIDES, steps=['precompute', 'teacher_image',
                                                              'teacher'],
@@ -86,3 +95,12 @@ def test_chain_end_to_end(tmp_path):
   fresh_chain = chain_lib.Chain(fresh, 'storyworld', OVERRIDES)
   assert fresh_chain.config('teacher').teacher.init_from == fresh_chain.teacher_image_file
   assert fresh_chain.done('teacher')
+
+
+def test_parse_overrides():
+  got = chain_lib.parse_overrides(['teacher:train.num_steps=5', 'teacher:teacher.init_from=a/b',
+                                   'model:model.rope.theta=0.5'])
+  assert got == {'teacher': {'train.num_steps': 5, 'teacher.init_from': 'a/b'},
+                 'model': {'model.rope.theta': 0.5}}
+  with pytest.raises(ValueError, match='expected step:dotted.field=value'):
+    chain_lib.parse_overrides(['teacher.train.num_steps=5'])

@@ -255,6 +255,22 @@ def _write_times(root, times):
   os.replace(tmp, os.path.join(root, TIMES))
 
 
+def parse_overrides(items):
+  """['teacher:train.num_steps=5', ...] -> {'teacher': {'train.num_steps': 5}}."""
+  out = {}
+  for item in items:
+    step, sep, assignment = item.partition(':')
+    field, eq, value = assignment.partition('=')
+    if not sep or not eq or not field:
+      raise ValueError(f'--set: {item!r}; expected step:dotted.field=value')
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError:
+      pass   # a plain string
+    out.setdefault(step, {})[field] = value
+  return out
+
+
 def apply_overrides(config, overrides: dict):
   """config with dotted fields set, e.g. {'train.num_steps': 5}; unknown fields raise."""
   for key, value in overrides.items():
