@@ -87,16 +87,12 @@ def reproduce(root, preset, overrides, steps, evaluate, num_stories, ship, carry
   return summary
 
 
-def chain_overrides(items):
-  from shotstream_jax.training import chain as chain_lib  # pylint: disable=g-import-not-at-top
-  return chain_lib.parse_overrides(items)
-
-
 def main(argv):
   del argv
   cli.quiet_logs()
+  from shotstream_jax.training import chain as chain_lib  # pylint: disable=g-import-not-at-top
   summary = cli.exit_on_user_error(reproduce, _ROOT.value, _PRESET.value,
-                                   cli.exit_on_user_error(chain_overrides, _SET.value),
+                                   cli.exit_on_user_error(chain_lib.parse_overrides, _SET.value),
                                    _STEPS.value, _EVAL.value, _NUM_STORIES.value, _SHIP.value,
                                    _CARRY.value)
   print(json.dumps(summary, indent=1))

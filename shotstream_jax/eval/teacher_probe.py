@@ -42,7 +42,7 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   c = chain.config(stage)
   m = c.model
   params = init_lib.load_network_params(chain.workdir(stage), 'teacher', m, field='root')
-  ctx = m.context_frames if c.teacher.use_context else 0
+  ctx = teacher_stage.context_frames(c)
   frames = c.teacher.target_frames
   src = pc.PrecomputedSource(chain.heldout_dir)
   if num < 1 or num > len(src):

@@ -110,9 +110,9 @@ class Chain:
   # ---------------------------------------------------------------- steps
 
   def done(self, step: str) -> bool:
-    if step == 'vae' and os.path.exists(self.vae_file):   # stage 0's product is its export
-      return True
-    if step == 'teacher_image' and os.path.exists(self.teacher_image_file):
+    # Training steps whose product is a file (carried in, or stage 0's export) are done with it.
+    product = {'vae': self.vae_file, 'teacher_image': self.teacher_image_file}.get(step)
+    if product and os.path.exists(product):
       return True
     if step in TRAIN_CONFIGS:
       return _finished(self.workdir(step), self.config(step).train.num_steps)

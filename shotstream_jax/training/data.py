@@ -49,14 +49,15 @@ def heldout_batches(config, heldout_dir: str, transform: Callable, batch_size: i
 
   The per-example randomness (which shot is the target) is seeded by `train.eval_seed`.
   """
-  it = make_iterator(pc.PrecomputedSource(heldout_dir), transform, batch_size=batch_size,
+  source = pc.PrecomputedSource(heldout_dir)
+  it = make_iterator(source, transform, batch_size=batch_size,
                      seed=config.train.eval_seed, shuffle=False, num_epochs=1,
                      shard_index=jax.process_index(), shard_count=jax.process_count(),
                      read_threads=1, prefetch=1)
   batches = list(it)
   if not batches:   # drop_remainder: a split smaller than one batch would skip eval silently
     raise ValueError(f'data.batch_size: {batch_size} per process is more than the '
-                     f'{len(pc.PrecomputedSource(heldout_dir))} held-out examples of '
+                     f'{len(source)} held-out examples of '
                      f'{heldout_dir}; lower it or set train.eval_every=0')
   return batches[:limit] if limit else batches
 

@@ -144,6 +144,11 @@ def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, we
   return loss, metrics
 
 
+def context_frames(config) -> int:
+  """Clean context frames of a teacher example: `model.context_frames`, 0 without context."""
+  return config.model.context_frames if config.teacher.use_context else 0
+
+
 class TeacherStage:
   """Stage 1 for train_loop.train: one network, 'teacher'."""
   networks = ('teacher',)
@@ -161,14 +166,14 @@ class TeacherStage:
         raise ValueError(f'teacher.{name}: must be in [0, 1), got {tc[name]}')
     if tc.target_frames < 1:
       raise ValueError(f'teacher.target_frames: must be >= 1, got {tc.target_frames}')
-    context_frames = config.model.context_frames if tc.use_context else 0
+    ctx = context_frames(config)
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     self.latent_stats = data_lib.latent_stats(self.train_dir)
     self._example = functools.partial(
-        make_example, context_frames=context_frames,
+        make_example, context_frames=ctx,
         target_frames=tc.target_frames, target_shot=tc.target_shot)
     self._loss = functools.partial(
-        flow_loss, self.model, context_frames=context_frames,
+        flow_loss, self.model, context_frames=ctx,
         grid_sigmas=self.grid_sigmas, weights=self.weights,
         num_train_timesteps=config.sampling.num_train_timesteps)
 
