@@ -95,6 +95,19 @@ def test_chain_end_to_end(tmp_path):
   fresh_chain = chain_lib.Chain(fresh, 'storyworld', OVERRIDES)
   assert fresh_chain.config('teacher').teacher.init_from == fresh_chain.teacher_image_file
   assert fresh_chain.done('teacher')
+  assert fresh_chain.config('ode').ode.init_from == fresh_chain.workdir('teacher')
+
+  # A carried stage-1 teacher file finishes stage 1 in a root that never trained it; stages
+  # 2-4 and the harness load it from there.
+  export_lib.export(ch.config('teacher'), ch.workdir('teacher'), 'teacher',
+                    str(carry / 'teacher.safetensors'))
+  third = str(tmp_path / 'third')
+  chain_lib.carry_in(str(tmp_path / 'carry'), third, log=lambda *_: None)
+  third_chain = chain_lib.Chain(third, 'storyworld', OVERRIDES)
+  assert third_chain.done('teacher') and not os.path.exists(third_chain.workdir('teacher'))
+  assert third_chain.config('ode').ode.init_from == third_chain.teacher_file
+  assert third_chain.config('dmd_inter').dmd.teacher_init == third_chain.teacher_file
+  assert third_chain.source('ode') == third_chain.workdir('ode')
 
 
 def test_parse_overrides():

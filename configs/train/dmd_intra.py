@@ -50,6 +50,7 @@ def dmd_config(preset: str, stage: str) -> ml_collections.ConfigDict:
     c.optim.critic = common.adamw(lr=1e-4, clip=10.0)
   elif preset == 'storyworld':
     d.negative = 'zeros'      # the from-scratch teacher learned "no prompt" as zero rows
+    d.real_guidance = 0.0     # no CFG, as the ODE targets (configs/train/ode_init.py)
     c.data.batch_size = 8
     c.train.num_steps = 150
     c.train.log_every = 12

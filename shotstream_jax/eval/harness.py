@@ -75,7 +75,7 @@ def models_from_chain(root: str, preset: str = 'storyworld', overrides=None) -> 
   from shotstream_jax.training import init as init_lib
   ch = chain_lib.Chain(root, preset, overrides)
   config = ch.model_config()
-  load = lambda step, net: init_lib.load_network_params(ch.workdir(step), net, config.model,
+  load = lambda step, net: init_lib.load_network_params(ch.source(step), net, config.model,
                                                         field=step)
   generators = {}
   for name, step in zip(STUDENTS, ('ode', 'dmd_intra', 'dmd_inter')):

@@ -41,7 +41,7 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   chain = chain_lib.Chain(root, preset, overrides)
   c = chain.config(stage)
   m = c.model
-  params = init_lib.load_network_params(chain.workdir(stage), 'teacher', m, field='root')
+  params = init_lib.load_network_params(chain.source(stage), 'teacher', m, field='root')
   ctx = teacher_stage.context_frames(c)
   frames = c.teacher.target_frames
   src = pc.PrecomputedSource(chain.heldout_dir)

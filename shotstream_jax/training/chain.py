@@ -62,9 +62,10 @@ class Chain:
                        f'{", ".join(STEPS)}')
     self.data_dir = self.path('data')
     self.vae_file = self.path('export', 'vae.safetensors')
-    # Stage 1a's teacher as a file: only ever carried in (launch/export.py of teacher_image/);
-    # when present, stage 1a is done and stage 1 starts from it.
+    # Teachers as files: only ever carried in (launch/export.py of a finished workdir); when
+    # present, their stage is done and later stages start from the file.
     self.teacher_image_file = self.path('export', 'teacher_image.safetensors')
+    self.teacher_file = self.path('export', 'teacher.safetensors')
     self.text_file = self.path('export', 'text.safetensors')
     self.tokenizer_dir = self.path('export', 'tokenizer')
     self.train_dir = self.path('precomputed', 'train')
@@ -77,6 +78,17 @@ class Chain:
   def workdir(self, step: str) -> str:
     return self.path(step)
 
+  def source(self, step: str) -> str:
+    """Where later stages load `step`'s network from: its carried export file when there is
+    one (teacher_image, teacher), else its workdir."""
+    product = self._products().get(step)
+    return product if product and os.path.exists(product) else self.workdir(step)
+
+  def _products(self) -> Dict[str, str]:
+    """Training steps whose product may be a file (stage 0's export, carried teachers)."""
+    return {'vae': self.vae_file, 'teacher_image': self.teacher_image_file,
+            'teacher': self.teacher_file}
+
   def config(self, step: str):
     """The training config of `step`, wired to this chain's data and earlier stages."""
     c = importlib.import_module(f'configs.train.{TRAIN_CONFIGS[step]}').get_config(self.preset)
@@ -86,15 +98,14 @@ class Chain:
       c.data.source = 'precomputed'
       c.data.train_dir, c.data.heldout_dir = self.train_dir, self.heldout_dir
     if step == 'teacher':
-      c.teacher.init_from = (self.teacher_image_file if os.path.exists(self.teacher_image_file)
-                             else self.workdir('teacher_image'))
+      c.teacher.init_from = self.source('teacher_image')
     elif step == 'ode':
-      c.ode.init_from = self.workdir('teacher')
+      c.ode.init_from = self.source('teacher')
     elif step == 'dmd_intra':
-      c.dmd.teacher_init = self.workdir('teacher')
+      c.dmd.teacher_init = self.source('teacher')
       c.dmd.generator_init = self.workdir('ode')
     elif step == 'dmd_inter':
-      c.dmd.teacher_init = self.workdir('teacher')
+      c.dmd.teacher_init = self.source('teacher')
       c.dmd.generator_init = self.workdir('dmd_intra')
       c.dmd.critic_init = self.workdir('dmd_intra')
       c.dmd.vae_path = self.vae_file
@@ -111,7 +122,7 @@ class Chain:
 
   def done(self, step: str) -> bool:
     # Training steps whose product is a file (carried in, or stage 0's export) are done with it.
-    product = {'vae': self.vae_file, 'teacher_image': self.teacher_image_file}.get(step)
+    product = self._products().get(step)
     if product and os.path.exists(product):
       return True
     if step in TRAIN_CONFIGS:
