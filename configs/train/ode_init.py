@@ -50,8 +50,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   elif preset == 'storyworld':
     o.negative = 'zeros'      # the from-scratch teacher learned "no prompt" as zero rows
     # No CFG (= the DMD real score's cond + 0 (cond - uncond)): the from-scratch teacher's
-    # 50-step samples keep the context's colours and the data's spread (latent std 0.96 vs the
-    # data's 0.98) at g = 1, and saturate off-palette at g = 2.5 / 4 (std 1.11 / 1.27;
+    # 50-step samples keep the context's colours and the data's spread (latent std 0.96-0.97
+    # vs the data's 0.98) at g = 1, and saturate off-palette at g = 2.5 / 4 (std 1.11 / 1.27;
     # launch/probe_teacher.py, README "Deviations").
     o.guidance = 1.0
     c.data.batch_size = 4     # 50 Euler steps x 2B teacher rows per step
