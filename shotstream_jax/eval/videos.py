@@ -234,33 +234,6 @@ def _quiet_fork(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def iter_frames(path: str, block: int):
-  """uint8 [<= block, H, W, 3] blocks of the video at its own size, in order, decoded once."""
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise video_io.VideoError(f'{path}: video file not found')
-  gen = imageio_ffmpeg.read_frames(path)
-  try:
-    meta = _quiet_fork(next, gen)
-    w, h = meta['size']
-    frames = []
-    for i, buf in enumerate(gen):
-      if len(buf) != w * h * 3:
-        raise video_io.VideoError(f'{path}: frame {i} has {len(buf)} bytes, expected {w * h * 3}')
-      frames.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3))
-      if len(frames) == block:
-        yield np.stack(frames)
-        frames = []
-    if frames:
-      yield np.stack(frames)
-  except (RuntimeError, OSError, StopIteration) as e:
-    if isinstance(e, video_io.VideoError):
-      raise
-    raise video_io.VideoError(f'{path}: corrupt or unreadable video ({e})') from None
-  finally:
-    gen.close()
-
-
 @functools.partial(jax.jit, static_argnames=('cfg', 'kind'))
 def _encode(params, frames, cfg, kind):
   """uint8 [B, H, W, 3] -> unit features [B, D]: VBench's preprocessing, then the image tower."""
@@ -320,7 +293,7 @@ def shot_features(path: str, ranges: Sequence[Tuple[int, int]], encoders: Dict[s
   for a, b in ranges:
     wanted[a:b] = True
   seen = 0
-  for frames in iter_frames(path, block):
+  for frames in video_io.iter_video(path, block):
     idx = np.arange(seen, seen + len(frames))
     keep = idx < end
     keep[keep] = wanted[idx[keep]]
@@ -475,7 +448,7 @@ def evaluate(items: Sequence[Item], models: Models, tolerance: int = 2, threshol
   for item in bar:
     bar.set_postfix(video=os.path.basename(item.video))
     meta = _quiet_fork(video_io.probe_video, item.video)
-    small = _quiet_fork(video_io.read_video, item.video, size=transnet_lib.INPUT_HW)
+    small = video_io.read_video(item.video, size=transnet_lib.INPUT_HW)
     found = probs = None
     if models.transnet is not None:
       probs, _ = transnet_lib.predict_frames(models.transnet, small)

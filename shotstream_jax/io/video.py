@@ -44,16 +44,15 @@ def probe_video(path: str) -> dict:
     gen.close()
 
 
-def read_video(path: str, size: Optional[Tuple[int, int]] = None, start: int = 0,
-               stop: Optional[int] = None) -> np.ndarray:
-  """Frames [start, stop) of `path` as uint8 RGB [T, H, W, 3], resized to `size` = (H, W).
+def iter_video(path: str, block: int, size: Optional[Tuple[int, int]] = None):
+  """uint8 RGB blocks [<= block, H, W, 3] of `path` in order, decoded once, resized to `size`.
 
-  Reading stops at `stop`, so a slice near the start of a long video costs only that slice.
-  Raises VideoError if the file is missing or corrupt, or has fewer than `stop` frames.
+  Frames are yielded as they are decoded, so a long video never sits in memory whole; stopping
+  the iteration stops ffmpeg. Raises VideoError if the file is missing or corrupt.
   """
   _check_exists(path)
-  if start < 0 or (stop is not None and stop < start):
-    raise ValueError(f'read_video: need 0 <= start <= stop, got start={start} stop={stop}')
+  if block < 1:
+    raise ValueError(f'iter_video: need block >= 1 frame, got {block}')
   output_params = None
   if size is not None:
     h, w = _check_size(size)
@@ -63,23 +62,44 @@ def read_video(path: str, size: Optional[Tuple[int, int]] = None, start: int = 0
   gen = imageio_ffmpeg.read_frames(path, output_params=output_params)
   frames = []
   try:
-    meta = next(gen)
+    with warnings.catch_warnings():  # JAX warns on any fork; ffmpeg is exec'd right away
+      warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called')
+      meta = next(gen)
     if size is None:
       w, h = meta['size']
     frame_bytes = w * h * 3
     for i, buf in enumerate(gen):
-      if stop is not None and i >= stop:
-        break
       if len(buf) != frame_bytes:
         raise VideoError(f'{path}: frame {i} has {len(buf)} bytes, expected {frame_bytes}')
-      if i >= start:
-        frames.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3))
+      frames.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3))
+      if len(frames) == block:
+        yield np.stack(frames)
+        frames = []
+    if frames:
+      yield np.stack(frames)
   except (RuntimeError, OSError, StopIteration) as e:
     if isinstance(e, VideoError):
       raise
     raise VideoError(f'{path}: corrupt or unreadable video ({_short(e)})') from None
   finally:
     gen.close()
+
+
+def read_video(path: str, size: Optional[Tuple[int, int]] = None, start: int = 0,
+               stop: Optional[int] = None) -> np.ndarray:
+  """Frames [start, stop) of `path` as uint8 RGB [T, H, W, 3], resized to `size` = (H, W).
+
+  Reading stops at `stop`, so a slice near the start of a long video costs only that slice.
+  Raises VideoError if the file is missing or corrupt, or has fewer than `stop` frames.
+  """
+  if start < 0 or (stop is not None and stop < start):
+    raise ValueError(f'read_video: need 0 <= start <= stop, got start={start} stop={stop}')
+  frames = []
+  for i, one in enumerate(iter_video(path, 1, size)):
+    if stop is not None and i >= stop:
+      break
+    if i >= start:
+      frames.append(one[0])
   got = start + len(frames)
   if stop is not None and got < stop:
     raise VideoError(f'{path}: has {got} decodable frames, frames [{start}, {stop}) were asked')
