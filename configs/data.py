@@ -24,7 +24,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   s = c.storyworld = ml_collections.ConfigDict()
   s.height = 64 if arg == 'default' else 32
   s.width = 64 if arg == 'default' else 32
-  s.frames_per_shot = 9 if arg == 'tiny' else 21  # 4k+1: 3 or 6 latent frames
+  # tk+1 for the VAE's temporal factor t: 3 latents at tiny (t=4), 6 at storyworld (t=2)
+  s.frames_per_shot = {'tiny': 9, 'storyworld': 11, 'default': 21}[arg]
   s.min_shots = 2
   s.max_shots = 5 if arg == 'default' else 4
   s.num_train = {'tiny': 64, 'storyworld': 2000, 'default': 20000}[arg]

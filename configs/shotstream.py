@@ -58,7 +58,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.text_len = 512         # long story prompts; cheap at this width
   m.in_channels = 16
   m.out_channels = 16
-  m.patch_size = (1, 2, 2)
+  # storyworld: its VAE down-samples 2x (16x16 latents), so 4x4 patches keep Wan's 8x8 pixels
+  # per token (16 tokens per latent frame).
+  m.patch_size = (1, 4, 4) if preset == 'storyworld' else (1, 2, 2)
   m.eps = 1e-6
 
   # 3D RoPE with the shot discontinuity (DESIGN 4.2). The temporal angle of pair i is
@@ -95,14 +97,16 @@ def vae_config(preset: str) -> ml_collections.ConfigDict:
     v.base_dim = 96
     v.dim_mult = (1, 2, 4, 4)
   elif preset == 'storyworld':
-    # 4x spatial (32x32 -> 8x8 latents, 16 DiT tokens per latent frame) and 4x temporal
-    # (21 frames -> 6 latents = 2 chunks of 3). Trained by stage 0 (configs/train/vae.py);
+    # 2x spatial (32x32 -> 16x16 latents) and 2x temporal (11 frames -> 6 latents = 2 chunks
+    # of 3). Wan's 8x keeps a 480p protagonist tens of latent pixels wide; at 32x32 a 4x VAE
+    # left a wide shot's protagonist under 2 latent pixels and its shape was lost in the round
+    # trip (README: StoryWorld default model). Trained by stage 0 (configs/train/vae.py);
     # the latent statistics measured on StoryWorld are folded into its quant convs, so the
     # shipped weights emit normalised latents and the normalisation here is the identity.
     v.base_dim = 8
-    v.dim_mult = (1, 2, 4)
+    v.dim_mult = (1, 2)
     v.num_res_blocks = 1
-    v.temporal_downsample = (True, True)
+    v.temporal_downsample = (True,)
     v.latent_mean = (0.0,) * v.z_dim
     v.latent_std = (1.0,) * v.z_dim
   else:
@@ -153,10 +157,11 @@ def sampling_config(preset: str) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.num_train_timesteps = 1000
   # sigma = shift*s / (1 + (shift-1)*s). The reference's 8 suits 480p (6240 latent pixels a
-  # frame, highly redundant). At StoryWorld's 8x8 latents almost nothing survives sigma 0.7, and
-  # with shift 8 the warped student steps sit at sigma 1.0 / 0.96 / 0.89 / 0.74: its last x0
-  # is predicted from sigma 0.74, necessarily a blur. shift 1 puts them at 1.0 / 0.74 / 0.5 /
-  # 0.26 and spreads training and the teacher's Euler steps evenly over the noise levels.
+  # frame, highly redundant). At StoryWorld's 32x32 (measured on the first VAE's 8x8 latents)
+  # almost nothing survives sigma 0.7, and with shift 8 the warped student steps sit at sigma
+  # 1.0 / 0.96 / 0.89 / 0.74: its last x0 is predicted from sigma 0.74, necessarily a blur.
+  # shift 1 puts them at 1.0 / 0.74 / 0.5 / 0.26 and spreads training and the teacher's Euler
+  # steps evenly over the noise levels.
   s.shift = 1.0 if preset == 'storyworld' else 8.0
   s.denoising_steps = (1000, 740, 500, 260)
   s.warp = True                 # map step k onto grid point 1000 - k (the reference)
@@ -165,8 +170,8 @@ def sampling_config(preset: str) -> ml_collections.ConfigDict:
     s.height, s.width = 480, 832  # pixels -> latent 60x104 -> 1560 tokens per latent frame
     s.shot_latent_frames = 21     # 81 pixel frames per shot = 7 chunks of 3
   elif preset == 'storyworld':
-    s.height, s.width = 32, 32    # latent 8x8 -> 16 tokens per latent frame
-    s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3
+    s.height, s.width = 32, 32    # latent 16x16 -> 16 tokens per latent frame (4x4 patches)
+    s.shot_latent_frames = 6      # 11 pixel frames per shot = 2 chunks of 3
   else:
     s.height, s.width = 64, 96    # latent 8x12 -> 24 tokens per latent frame
     s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3

@@ -216,7 +216,7 @@ class ShotStreamPipeline:
 
   @property
   def frames_per_shot(self) -> int:
-    return 1 + 4 * (self.config.sampling.shot_latent_frames - 1)
+    return vae_lib.pixel_frames(self.config.vae, self.config.sampling.shot_latent_frames)
 
   def warmup(self) -> float:
     """Compile every jitted piece of streaming generation on a throwaway 2-shot story (any

@@ -53,6 +53,9 @@ def test_chain_end_to_end(tmp_path):
                               OVERRIDES)
     assert set(out['x0_mse']) == {str(s) for s in teacher_probe.SIGMAS}
     assert all(np.isfinite(v) and v > 0 for v in out['x0_mse'].values())
+    scores = {k: v for k, v in out['judge'].items() if k != 'not_found'}
+    assert set(scores) == {'found', 'subject', 'shape', 'framing', 'identity'}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
     columns = 2 if stage == 'teacher_image' else 1 + 6 + 6   # [context,] GT, sampled frames
     assert Image.open(out['samples_png']).size == (3 * 32 * columns, 3 * 32 * 2)
   manifest = embedded.read_manifest(ch.model_dir)

@@ -134,3 +134,19 @@ def test_shot_measures_and_errors():
   assert s2.adherence == 1.0 and s2.subject_accuracy is None
   assert judge.parse_global_caption('An orange diamond in a street. ') == dict(
       shape='diamond', colour='orange', setting='street')
+
+
+def test_teacher_probe_judges_samples():
+  """The teacher probe's judge: ground truth against itself scores 1 everywhere; noise in its
+  place is found nowhere, and the reason is counted."""
+  from shotstream_jax.eval import teacher_probe  # pylint: disable=g-import-not-at-top
+  stories = [sw.sample_story(0, 'heldout', i, (2, 4)) for i in range(4)]
+  gt = np.stack([sw.render_story(st, **RENDER)[-RENDER['frames_per_shot']:] for st in stories])
+  caps = ([st.global_caption() for st in stories], [st.shot_captions()[-1] for st in stories])
+  perfect = teacher_probe.judge_samples(gt, gt, *caps)
+  assert perfect == {'found': 1.0, 'subject': 1.0, 'shape': 1.0, 'framing': 1.0,
+                     'identity': 1.0, 'not_found': {}}
+  rng = np.random.default_rng(0)
+  noise = teacher_probe.judge_samples(gt, bad.uniform_noise(gt.shape, rng), *caps)
+  assert noise['found'] == noise['identity'] == noise['subject'] == 0.0
+  assert sum(noise['not_found'].values()) == len(stories)

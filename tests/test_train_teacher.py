@@ -234,3 +234,46 @@ def test_cli_trains_resumes_and_rejects_bad_mesh(data_dir, tmp_path):
   p = run('--config.mesh.tensor=3')
   assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith('error: mesh:'), \
       p.stderr[-2000:]
+
+
+def test_ema_tracks_the_weights_and_loaders_read_it(data_dir, tmp_path):
+  """optim.teacher.ema_decay > 0: the state keeps an EMA equal to the recurrence written out on
+  the host from every step's params (rate min(decay, (1+n)/(10+n))); it is checkpointed,
+  resumed, and what `load_network_params` / `restore_networks` give for the workdir."""
+  from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+  decay = 0.6
+  c = train_fixtures.tiny_config(data_dir, **{
+      'optim.teacher.ema_decay': decay, 'train.num_steps': 6, 'train.checkpoint_every': 3})
+  seen = []
+  hook = lambda step, state, m: seen.append(jax.device_get((state.params, state.ema)))
+  workdir = str(tmp_path / 'run')
+  c.train.num_steps = 3
+  train_loop.train(c, workdir, step_hook=hook)
+  c.train.num_steps = 6
+  final = train_loop.train(c, workdir, step_hook=hook)        # resumes at step 3
+  assert len(seen) == 6
+  stage = teacher_stage.TeacherStage(c, workdir)
+  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
+                                     sharding.logical_rules(c), ('teacher',))
+  want = jax.device_get(train_loop.init_state(stage, tx, sh, c.train.seed).ema['teacher'])
+  for n, (params, ema) in enumerate(seen):
+    rate = min(decay, (1.0 + n) / (10.0 + n))
+    want = jax.tree.map(lambda e, p, r=rate: r * e + (1 - r) * p, want, params['teacher'])
+    for a, b in zip(jax.tree.leaves(ema['teacher']), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  ema = jax.device_get(final.ema['teacher'])
+  raw = jax.device_get(final.params['teacher'])
+  assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(ema),
+                                                         jax.tree.leaves(raw)))
+  for loaded in (init_lib.load_network_params(workdir, 'teacher', c.model),
+                 init_lib.restore_networks(workdir, ['teacher'])['teacher']):
+    for a, b in zip(jax.tree.leaves(jax.device_get(loaded)), jax.tree.leaves(ema)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_ema_decay_out_of_range_is_an_error(data_dir, tmp_path):
+  c = train_fixtures.tiny_config(data_dir, **{'optim.teacher.ema_decay': 1.0,
+                                              'train.num_steps': 1})
+  with pytest.raises(ValueError, match=r'optim.teacher.ema_decay: must be in \[0, 1\)'):
+    train_loop.train(c, str(tmp_path / 'run'))

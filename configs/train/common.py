@@ -11,6 +11,7 @@ import ml_collections
 
 from configs import data as data_configs
 from configs import shotstream
+from shotstream_jax.models import vae as vae_lib
 
 # Params: FSDP over 'fsdp' on the model width, tensor-parallel on heads / MLP; the stacked
 # layer axis and modulation tables replicated. 'batch' is the activations' leading axis.
@@ -32,6 +33,7 @@ def adamw(lr: float, clip: float, weight_decay: float = 0.01, trainable: str = '
       warmup_steps=0,          # linear warm-up from 0
       decay_steps=0,           # 0: constant after warm-up; > 0: cosine decay ending here ...
       final_lr_fraction=0.05,  # ... at lr * this
+      ema_decay=0.0,           # > 0: keep an EMA of the weights (loaded and evaluated instead)
       trainable=trainable))    # trainable: regex on 'blocks/self_attn/q/kernel'
 
 
@@ -50,7 +52,8 @@ def base(preset: str, stage: str) -> ml_collections.ConfigDict:
   if preset == 'tiny':   # every stage trains (and generation runs) at the data's size
     sw = d.storyworld
     c.sampling.height, c.sampling.width = sw.height, sw.width
-    c.sampling.shot_latent_frames = c.sampling.local_frames = (sw.frames_per_shot - 1) // 4 + 1
+    c.sampling.shot_latent_frames = c.sampling.local_frames = vae_lib.latent_frames(
+        c.vae, sw.frames_per_shot)
   d.dir = ''                  # storyworld: where it is built and encoded ('' = <workdir>/data)
   d.encoder_seed = 0          # storyworld: seed of the random tiny VAE / umT5 weights
   d.train_dir = ''            # precomputed: launch/precompute.py output of the train split

@@ -42,6 +42,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     t.eval_batches = 4
     c.optim.teacher = common.adamw(lr=2e-3, clip=1.0, weight_decay=0.01, b1=0.9, b2=0.99)
     c.optim.teacher.warmup_steps = 100
+    c.optim.teacher.ema_decay = 0.999   # samples from the EMA (train_loop.with_ema)
     c.train.num_steps = 2400
     c.optim.teacher.decay_steps = c.train.get_ref('num_steps')
     c.train.log_every = 25

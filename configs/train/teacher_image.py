@@ -28,4 +28,5 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.optim.teacher.lr = 2e-3    # 5e-4 memorised 8 images 4x slower (README: teacher)
   c.optim.teacher.warmup_steps = 50
+  c.optim.teacher.ema_decay = 0.999 if preset == 'storyworld' else 0.0
   return c

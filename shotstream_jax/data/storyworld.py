@@ -226,9 +226,9 @@ def render_story(story: Story, height: int = 32, width: int = 32, frames_per_sho
 def check_sizes(height: int, width: int, frames_per_shot: int) -> None:
   if height < 16 or width < 16 or height % 2 or width % 2:
     raise ValueError(f'height/width: need even sizes >= 16, got {height}x{width}')
-  if frames_per_shot < 1 or frames_per_shot % 4 != 1:
-    raise ValueError(f'frames_per_shot: must be of the form 4k+1 (VAE 4x temporal compression), '
-                     f'got {frames_per_shot}')
+  if frames_per_shot < 1 or frames_per_shot % 2 != 1:
+    raise ValueError(f'frames_per_shot: must be odd (tk+1 for a VAE of temporal factor t = 2 '
+                     f'or 4), got {frames_per_shot}')
 
 
 def make_example(seed: int, split: str, index: int, height: int = 32, width: int = 32,

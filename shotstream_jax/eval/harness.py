@@ -109,7 +109,8 @@ def held_out_stories(num: int, seed: int = 0, num_shots=(2, 4), offset: int = 0)
 
 def _render(config, story):
   s = config.sampling
-  return sw.render_story(story, s.height, s.width, 1 + 4 * (s.shot_latent_frames - 1))
+  return sw.render_story(story, s.height, s.width,
+                         vae_lib.pixel_frames(config.vae, s.shot_latent_frames))
 
 
 def _with(config, overrides: dict):
@@ -165,7 +166,7 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
   if unknown:
     raise ValueError(f'ablations: unknown {unknown}; accepted: {", ".join(ABLATIONS)}')
   config = models.config
-  fps = 1 + 4 * (config.sampling.shot_latent_frames - 1)
+  fps = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
   stories = held_out_stories(num_stories, seed)
   encoder = _encoder(models)
   rows, sheet, started = {}, {}, time.time()

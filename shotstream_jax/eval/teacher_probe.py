@@ -5,8 +5,14 @@ On `num` held-out examples (the stage's own example layout: single images for te
   * x0_mse[sigma]: mean squared error of the teacher's x0 prediction (x_t - sigma v) from
     x_t = (1 - sigma) x0 + sigma eps, in units of the data (`data_var` beside it);
   * samples: `num_steps` Euler steps with CFG `guidance` (uncond = zero text rows, as stage 2)
-    from fresh noise, decoded by the chain's VAE; `<out>/<stage>_samples.png` rows are examples,
-    columns: the first context frame (teacher), ground-truth frames, then sampled frames.
+    from fresh noise, decoded by the chain's VAE; `<out>/<stage>_samples.png` rows are examples
+    (the first 16), columns: the first context frame (teacher), ground-truth frames, then
+    sampled frames;
+  * judge: every decoded sample parsed by the StoryWorld judge against its caption (`judge`
+    in the JSON): the share that shows a scene (found), whose shape / colour / setting are the
+    global caption's (subject), whose shape alone is (shape), whose framing is the shot
+    caption's, and (teacher) the attribute agreement with the ground-truth shot, which holds
+    the hidden attributes the context shows (identity); `not_found` counts the judge's reasons.
 Why: a teacher whose samples are not scenes makes every later stage meaningless, and this
 answers that in a minute, before stage 2 starts. `launch/probe_teacher.py` is its command line.
 """
@@ -21,6 +27,7 @@ from PIL import Image
 
 from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.data import precompute as pc
+from shotstream_jax.eval import judge as judge_lib
 from shotstream_jax.io.video import to_uint8
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import teacher as teacher_lib
@@ -70,19 +77,58 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   vae = vae_lib.WanVAE(c.vae)
   vae_params = convert_vae.load_vae(chain.vae_file, c.vae)
   decode = jax.jit(lambda z: vae_lib.decode(vae, vae_params, z))
-  every = max(1, (4 * (frames - 1) + 1) // 5)
-  cols = [np.asarray(decode(x0))[:, ::every], np.asarray(decode(x))[:, ::every]]
+  gt_frames = _decode_all(decode, x0)
+  sample_frames = _decode_all(decode, x)
+  records = [src[i] for i in range(num)]
+  scores = judge_samples(to_uint8(gt_frames), to_uint8(sample_frames),
+                         [pc._text(r['global_caption']) for r in records],   # pylint: disable=protected-access
+                         [pc._text(r['shot_captions'][-1]) for r in records])  # pylint: disable=protected-access
+  every = max(1, vae_lib.pixel_frames(c.vae, frames) // 5)
+  show = min(num, 16)
+  cols = [gt_frames[:show, ::every], sample_frames[:show, ::every]]
   if ctx:
-    cols.insert(0, np.asarray(decode(batch['latents'][:, :1])))
+    cols.insert(0, _decode_all(decode, batch['latents'][:show, :1]))
   sheet = np.concatenate([np.concatenate(list(np.concatenate(cols, 1)[b]), 1)
-                          for b in range(num)], 0)
+                          for b in range(show)], 0)
   os.makedirs(out, exist_ok=True)
   png = os.path.join(out, f'{stage}_samples.png')
   img = Image.fromarray(to_uint8(sheet))
   img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(png)
   result = {'stage': stage, 'num': num, 'guidance': guidance, 'num_steps': num_steps,
             'data_var': round(float(jnp.var(x0)), 4), 'x0_mse': x0_mse,
-            'sample_std': round(float(jnp.std(x)), 4), 'samples_png': png}
+            'sample_std': round(float(jnp.std(x)), 4), 'judge': scores, 'samples_png': png}
   with open(os.path.join(out, f'{stage}_probe.json'), 'w') as f:
     json.dump(result, f, indent=1)
   return result
+
+
+def _decode_all(decode, z, batch: int = 16) -> np.ndarray:
+  """Decoded frames of latents [N, F, ...] in batches of `batch` (one compiled shape)."""
+  out = []
+  for i in range(0, z.shape[0], batch):
+    part = z[i:i + batch]
+    pad = batch - part.shape[0]
+    if pad:
+      part = jnp.concatenate([part, jnp.zeros((pad,) + part.shape[1:], part.dtype)])
+    out.append(np.asarray(decode(part))[:batch - pad])
+  return np.concatenate(out)
+
+
+def judge_samples(gt, samples, global_captions, shot_captions) -> dict:
+  """Judge scores of sampled shots uint8 [N, T, H, W, 3] against their captions, and their
+  attribute agreement with the ground-truth shots `gt` (module docstring)."""
+  rows, reasons = [], {}
+  for g, x, glob, cap in zip(gt, samples, global_captions, shot_captions):
+    subject = judge_lib.parse_global_caption(glob)
+    m = judge_lib.measure_shot(x.astype(np.float32), cap, subject)
+    truth = judge_lib.measure_shot(g.astype(np.float32), cap, subject)
+    if not m.found:
+      why = m.why.split(' (')[0]
+      reasons[why] = reasons.get(why, 0) + 1
+    rows.append({'found': m.found, 'subject': bool(m.subject_ok),
+                 'shape': m.found and m.attributes['shape'] == subject['shape'],
+                 'framing': m.framing_ok,
+                 'identity': judge_lib.attribute_agreement(truth, m)})
+  out = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
+  out['not_found'] = reasons
+  return out

@@ -397,9 +397,11 @@ def _per_frame(name, value, b, f, dtype, default=None):
   return jnp.broadcast_to(value, (b, f)).astype(dtype)
 
 
-def init_params(config, key, latent_shape=(1, 1, 4, 4), text_len=None):
-  """Random params (a plain, unboxed pytree) for a model config."""
+def init_params(config, key, latent_shape=None, text_len=None):
+  """Random params (a plain, unboxed pytree) for a model config (traced on one patch of
+  latents unless `latent_shape` [(B,) F, H, W] is given: no shape of the params depends on it)."""
   model = WanDiT(config)
+  latent_shape = latent_shape or tuple(config.patch_size)
   f, h, w = latent_shape[1:] if len(latent_shape) == 4 else latent_shape
   lat = jax.ShapeDtypeStruct((1, f, h, w, config.in_channels), jnp.float32)
   ctx = jax.ShapeDtypeStruct((1, text_len or 1, config.text_dim), jnp.float32)

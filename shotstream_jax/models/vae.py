@@ -425,6 +425,17 @@ def temporal_factor(cfg) -> int:
   return 2 ** sum(bool(f) for f in cfg.temporal_downsample)
 
 
+def pixel_frames(cfg, latent_frames: int) -> int:
+  """Pixel frames of a clip of `latent_frames` latents: the first latent is one frame, every
+  later one `temporal_factor` frames (a clip is encoded 1 + t + t + ...)."""
+  return 1 + temporal_factor(cfg) * (latent_frames - 1)
+
+
+def latent_frames(cfg, pixel_frames_: int) -> int:
+  """Latents of a clip of `pixel_frames_` frames (tk+1 frames -> k+1 latents)."""
+  return (pixel_frames_ - 1) // temporal_factor(cfg) + 1
+
+
 # ----------------------------------------------------------------------------- functional API
 
 

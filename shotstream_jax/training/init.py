@@ -4,7 +4,8 @@
 
 `path` may be
   * a training workdir of ours (has `checkpoints/`): the newest *complete* step's item 'state',
-    only its params[network] is read (orbax partial restore; the optimizer state is skipped);
+    only its ema[network] (when the run kept an EMA of that network: the weights it is judged
+    by) or else params[network] is read (orbax partial restore; the optimizer state is skipped);
   * one checkpoint step directory of ours (`<workdir>/checkpoints/<step>`, has `state/`);
   * an orbax params directory written by shotstream_jax/checkpoints.py (launch/convert.py);
   * a Wan / ShotStream / diffusers `.safetensors` / `.pt` / `.pth` file (convert/dit.py).
@@ -37,14 +38,24 @@ def _from_newest_step(ckpt_dir: str, load):
   return found[1]
 
 
+def _saved_tree(ckptr, state_dir: str) -> dict:
+  saved = ckptr.metadata(state_dir)
+  tree = getattr(saved, 'item_metadata', saved)
+  tree = getattr(tree, 'tree', tree)
+  return tree if isinstance(tree, dict) else {}
+
+
+def _collection(tree: dict, network: str) -> str:
+  """'ema' when the checkpoint keeps an EMA of `network` (train_loop.with_ema), else 'params'."""
+  return 'ema' if network in (tree.get('ema') or {}) else 'params'
+
+
 def _restore_network(step_dir: str, network: str, model_cfg, field: str, sharding=None):
-  """params[network] of a TrainState checkpoint, without reading the rest of the state."""
+  """ema[network] (or params[network]) of a TrainState checkpoint, nothing else read."""
   state_dir = os.path.join(step_dir, STATE_ITEM)
   with ocp.PyTreeCheckpointer() as ckptr:
-    saved = ckptr.metadata(state_dir)
-    tree = getattr(saved, 'item_metadata', saved)
-    tree = getattr(tree, 'tree', tree)
-    nets = list(tree.get('params', {})) if isinstance(tree, dict) else []
+    tree = _saved_tree(ckptr, state_dir)
+    nets = list(tree.get('params', {}))
     if network not in nets:
       raise ValueError(f'{field}: checkpoint {step_dir} has no network {network!r}; '
                        f'it holds {nets}')
@@ -60,12 +71,13 @@ def _restore_network(step_dir: str, network: str, model_cfg, field: str, shardin
       sharding = jax.tree.unflatten(jax.tree.structure(shapes), sharding)
     else:
       sharding = jax.tree.map(lambda _: sharding, shapes)
-    target = {'params': {network: shapes}}
-    restore_args = {'params': {network: jax.tree.map(
+    source = _collection(tree, network)
+    target = {source: {network: shapes}}
+    restore_args = {source: {network: jax.tree.map(
         lambda x, s: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=s), shapes, sharding)}}
     out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-  return out['params'][network]
+  return out[source][network]
 
 
 def check_shapes(params, model_cfg, path: str, field: str):
@@ -120,7 +132,8 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
 
 
 def restore_networks(path: str, networks, field: str = '--workdir') -> dict:
-  """{network: params as saved} from a training workdir or step dir, nothing else read.
+  """{network: params as saved} from a training workdir or step dir, nothing else read (a
+  network's EMA where the run kept one, as `load_network_params`).
 
   Unlike `load_network_params` the shapes come from the checkpoint itself, so LoRA adapter
   networks (`generator_lora`, ...) restore too; arrays land on the first local device.
@@ -148,21 +161,22 @@ def _restore_step_networks(path: str, networks, field: str) -> dict:
                             f'nor a checkpoint step directory (no {STATE_ITEM}/)')
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.PyTreeCheckpointer() as ckptr:
-    saved = ckptr.metadata(state_dir)
-    tree = getattr(saved, 'item_metadata', saved)
-    tree = getattr(tree, 'tree', tree)
-    have = tree.get('params', {}) if isinstance(tree, dict) else {}
+    tree = _saved_tree(ckptr, state_dir)
+    have = tree.get('params', {})
     missing = [n for n in networks if n not in have]
     if missing:
       raise ValueError(f'{field}: checkpoint {path} has no network(s) {missing}; it holds '
                        f'{list(have)}')
-    target = {'params': {n: jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), have[n]) for n in networks}}
+    target = {}
+    for n in networks:
+      source = _collection(tree, n)
+      target.setdefault(source, {})[n] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree[source][n])
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=device),
                                 target)
     out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-  return out['params']
+  return {n: out[_collection(tree, n)][n] for n in networks}
 
 
 def check_run_config(path: str, config, field: str = '--ckpt'):

@@ -99,7 +99,7 @@ def _as_tuple(axes):
 def dit_boxed_shapes(model_cfg):
   """Shapes of `WanDiT(cfg).init` with their logical-axis boxes (nothing is allocated)."""
   model = dit.WanDiT(model_cfg)
-  lat = jnp.zeros((1, 1, 2, 2, model_cfg.in_channels), jnp.float32)
+  lat = jnp.zeros((1, *model_cfg.patch_size, model_cfg.in_channels), jnp.float32)  # one token
   ctx = jnp.zeros((1, 1, model_cfg.text_dim), jnp.float32)
   variables = jax.eval_shape(lambda k: model.init(k, lat, jnp.zeros((1, 1)), ctx),
                              jax.random.key(0))

@@ -2,7 +2,7 @@
 
 The published chain starts from Wan's pretrained VAE; a preset trained from nothing needs its
 own. Every example gives two views of one shot of a story:
-  * `clip`: a random window of `vae_train.clip_frames` frames (4k+1) starting anywhere in the
+  * `clip`: a random window of `vae_train.clip_frames` frames (tk+1, t the VAE's temporal factor) starting anywhere in the
     shot. Short clips are cheap, so a batch holds many: they carry most of the learning, and
     the first frame of each is the 1-frame path that encodes every context frame alone;
   * `shot`: the whole shot from its first frame, exactly what precompute encodes and what
@@ -120,10 +120,15 @@ class VaeStage:
     if vt.init_gain <= 0:
       raise ValueError(f'vae_train.init_gain: must be > 0, got {vt.init_gain}')
     sw_cfg = config.data.storyworld
-    if not 1 <= vt.clip_frames <= sw_cfg.frames_per_shot or (vt.clip_frames - 1) % 4:
-      raise ValueError(f'vae_train.clip_frames: must be 4k+1 and at most '
+    tf = vae_lib.temporal_factor(config.vae)
+    if not 1 <= vt.clip_frames <= sw_cfg.frames_per_shot or (vt.clip_frames - 1) % tf:
+      raise ValueError(f'vae_train.clip_frames: must be {tf}k+1 (the VAE\'s temporal factor) '
+                       f'and at most '
                        f'data.storyworld.frames_per_shot ({sw_cfg.frames_per_shot}), got '
                        f'{vt.clip_frames}')
+    if (sw_cfg.frames_per_shot - 1) % tf:
+      raise ValueError(f'data.storyworld.frames_per_shot: must be {tf}k+1 for this VAE '
+                       f'(temporal factor {tf}), got {sw_cfg.frames_per_shot}')
     if not 0 <= vt.full_shots <= config.data.batch_size:
       raise ValueError(f'vae_train.full_shots: must be in [0, data.batch_size = '
                        f'{config.data.batch_size}], got {vt.full_shots}')
