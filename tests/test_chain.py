@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from shotstream_jax import embedded
 from shotstream_jax import pipeline
 from shotstream_jax.eval import teacher_probe
 from shotstream_jax.training import chain as chain_lib
+from shotstream_jax.training import init as init_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -25,6 +27,8 @@ OVERRIDES = {
               'model.ffn_dim': 64, 'vae.base_dim': 4},
     'vae': {'train.num_steps': 2, 'train.eval_every': 2, 'vae_train.stat_clips': 4,
             'optim.vae.warmup_steps': 1},
+    'vae_decoder': {'train.num_steps': 2, 'train.eval_every': 2, 'vae_train.stat_clips': 4,
+                    'optim.vae.warmup_steps': 1},
     'teacher_image': {'train.num_steps': 2, 'data.batch_size': 4,
                       'optim.teacher.warmup_steps': 1},
     'teacher': {'train.num_steps': 2, 'train.eval_every': 2, 'data.batch_size': 4,
@@ -39,7 +43,9 @@ def test_chain_end_to_end(tmp_path):
   root = str(tmp_path / 'chain')
   logs = []
   # First run stops after the teacher (as a kill would), the second finishes.
-  chain_lib.run_chain(root, 'storyworld', OVERRIDES, steps=chain_lib.STEPS[:6], log=logs.append)
+  chain_lib.run_chain(root, 'storyworld', OVERRIDES,
+                      steps=chain_lib.STEPS[:chain_lib.STEPS.index('teacher') + 1],
+                      log=logs.append)
   times = chain_lib.run_chain(root, 'storyworld', OVERRIDES, log=logs.append)
   assert list(times) == list(chain_lib.STEPS)
   assert any('teacher done' in l for l in logs)           # not trained twice
@@ -48,6 +54,14 @@ def test_chain_end_to_end(tmp_path):
   assert len(again) == len(chain_lib.STEPS) and all('skipped' in l for l in again)
 
   ch = chain_lib.Chain(root, 'storyworld', OVERRIDES)
+  # Stage 0b trained the decoder on from stage 0 and left the encoder (the latents) bit for bit.
+  first, second = (init_lib.restore_networks(ch.workdir(s), ['vae'])['vae']
+                   for s in ('vae', 'vae_decoder'))
+  for part in ('encoder', 'quant_conv'):
+    for a, b in zip(jax.tree.leaves(first[part]), jax.tree.leaves(second[part])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(
+      jax.tree.leaves(first['decoder']), jax.tree.leaves(second['decoder'])))
   for stage in ('teacher_image', 'teacher'):   # the teacher probe runs on both stages' layouts
     out = teacher_probe.probe(root, stage, 2, 2.0, 2, str(tmp_path / 'probe'), 'storyworld',
                               OVERRIDES)
@@ -78,10 +92,13 @@ def test_chain_end_to_end(tmp_path):
   for name in ('vae.safetensors', 'vae.stats.json'):
     carry.joinpath(name).write_bytes(open(ch.path('export', name), 'rb').read())
   fresh, later = str(tmp_path / 'fresh'), []
-  chain_lib.run_chain(fresh, 'storyworld', OVERRIDES, steps=['vae', 'vae_export', 'text'],
+  chain_lib.run_chain(fresh, 'storyworld', OVERRIDES,
+                      steps=['vae', 'vae_decoder', 'vae_export', 'text'],
                       log=later.append, carry=str(tmp_path / 'carry'))
-  assert 'carried in' in later[0] and 'vae done' in later[1] and 'vae_export done' in later[2]
+  assert 'carried in' in later[0] and 'vae done' in later[1]
+  assert 'vae_decoder done' in later[2] and 'vae_export done' in later[3]
   assert not os.path.exists(os.path.join(fresh, 'vae'))
+  assert not os.path.exists(os.path.join(fresh, 'vae_decoder'))
   assert open(os.path.join(fresh, 'export', 'vae.safetensors'), 'rb').read() == \
       carry.joinpath('vae.safetensors').read_bytes()
 

@@ -241,3 +241,26 @@ def test_parity_wan_1_3b_full_shapes():
   del model
   rel = assert_close(dit.WanDiT(cfg).apply({'params': params}, lat, t[None], ctx), ref)
   print(f'wan_1_3b parity: max abs err / output scale = {rel:.3g}')
+
+
+def test_x0_prediction_is_read_back_as_a_velocity():
+  """model.prediction='x0': the same params' head output (what 'velocity' returns as is) is the
+  x0 the returned velocity gives back through x0 = x_t - sigma v, per frame; below
+  x0_min_sigma the velocity is (x_t - x0) / x0_min_sigma; an unknown mode is an error."""
+  cfg = shotstream.get_config('tiny').model
+  params = dit.init_params(cfg, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        params)   # Wan zero-initialises the head
+  x_t = jax.random.normal(jax.random.key(2), (2, 3, 4, 6, cfg.in_channels))
+  t = jnp.array([[1000.0, 600.0, 10.0], [300.0, 40.0, 0.0]])
+  ctx = jax.random.normal(jax.random.key(3), (2, 5, cfg.text_dim))
+  head = dit.WanDiT(cfg).apply({'params': params}, x_t, t, ctx)
+  x0_cfg = cfg.copy_and_resolve_references()
+  x0_cfg.prediction = 'x0'
+  v = dit.WanDiT(x0_cfg).apply({'params': params}, x_t, t, ctx)
+  sigma = np.maximum(np.asarray(t) / 1000.0, x0_cfg.x0_min_sigma)[:, :, None, None, None]
+  np.testing.assert_allclose(np.asarray(x_t) - sigma * np.asarray(v), head, atol=2e-5)
+  assert np.all(np.isfinite(v))            # t = 0 (the cache pass) divides by the floor
+  x0_cfg.prediction = 'noise'
+  with pytest.raises(ValueError, match='model.prediction: unknown'):
+    dit.WanDiT(x0_cfg).apply({'params': params}, x_t, t, ctx)

@@ -19,6 +19,7 @@ answers that in a minute, before stage 2 starts. `launch/probe_teacher.py` is it
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +124,7 @@ def judge_samples(gt, samples, global_captions, shot_captions) -> dict:
     m = judge_lib.measure_shot(x.astype(np.float32), cap, subject)
     truth = judge_lib.measure_shot(g.astype(np.float32), cap, subject)
     if not m.found:
-      why = m.why.split(' (')[0]
+      why = re.sub(r'[0-9.]+%? ', 'N ', m.why.split(' (')[0])   # '58% of pixels' -> 'N of pixels'
       reasons[why] = reasons.get(why, 0) + 1
     rows.append({'found': m.found, 'subject': bool(m.subject_ok),
                  'shape': m.found and m.attributes['shape'] == subject['shape'],

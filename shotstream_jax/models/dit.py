@@ -334,7 +334,26 @@ class WanDiT(nn.Module):
     out = Head(cfg, name='head')(x, e, fp).astype(jnp.float32)
     out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_channels)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hgt, wid, cfg.out_channels)
+    out = velocity_from_output(cfg, out, latents, timesteps, pt)
     return (out, kv) if return_kv else out
+
+
+PREDICTIONS = ('velocity', 'x0')
+
+
+def velocity_from_output(cfg, out, latents, timesteps, pt: int = 1):
+  """The flow velocity a head output stands for (`model.prediction`, configs/shotstream.py):
+  the output itself, or for 'x0' v = (x_t - x0) / max(sigma, x0_min_sigma), sigma = t / 1000
+  per latent frame. x0 = x_t - sigma v then gives the head's x0 back wherever sigma is at
+  least the floor (every student step, every training timestep above it)."""
+  prediction = cfg.get('prediction', 'velocity')
+  if prediction == 'velocity':
+    return out
+  if prediction != 'x0':
+    raise ValueError(f'model.prediction: unknown {prediction!r}; accepted: '
+                     f'{", ".join(PREDICTIONS)}')
+  sigma = jnp.maximum(jnp.repeat(timesteps, pt, axis=1) / 1000.0, cfg.x0_min_sigma)
+  return (latents.astype(jnp.float32) - out) / sigma[:, :, None, None, None]
 
 
 class WanTextKV(nn.Module):

@@ -8,7 +8,8 @@ rerunning after a kill continues where it stopped (the training stages resume in
 from their last complete checkpoint). `root/chain.json` records each step's wall time.
 
     data/        StoryWorld pixels (tfds, array_record)
-    vae/         stage 0 workdir                 export/vae.safetensors  (+ .stats.json)
+    vae/         stage 0 workdir
+    vae_decoder/ stage 0b: its decoder trained on   export/vae.safetensors  (+ .stats.json)
     export/tokenizer/, export/text.safetensors   SentencePiece vocabulary, frozen umT5
     precomputed/{train,heldout}/                 latents, context candidates, umT5 rows
     teacher_image/                               stage 1a: the teacher pre-trained on images
@@ -38,9 +39,9 @@ from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.training import data as data_lib
 
-STEPS = ('vae', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher', 'ode',
+STEPS = ('vae', 'vae_decoder', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher', 'ode',
          'dmd_intra', 'dmd_inter', 'model')
-TRAIN_CONFIGS = {'vae': 'vae', 'teacher_image': 'teacher_image', 'teacher': 'teacher',
+TRAIN_CONFIGS = {'vae': 'vae', 'vae_decoder': 'vae_decoder', 'teacher_image': 'teacher_image', 'teacher': 'teacher',
                  'ode': 'ode_init', 'dmd_intra': 'dmd_intra',
                  'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
 TIMES = 'chain.json'
@@ -86,7 +87,7 @@ class Chain:
 
   def _products(self) -> Dict[str, str]:
     """Training steps whose product may be a file (stage 0's export, carried teachers)."""
-    return {'vae': self.vae_file, 'teacher_image': self.teacher_image_file,
+    return {'vae': self.vae_file, 'vae_decoder': self.vae_file, 'teacher_image': self.teacher_image_file,
             'teacher': self.teacher_file}
 
   def config(self, step: str):
@@ -94,7 +95,9 @@ class Chain:
     c = importlib.import_module(f'configs.train.{TRAIN_CONFIGS[step]}').get_config(self.preset)
     c.data.dir = self.data_dir
     c.train.progress = True
-    if step != 'vae':
+    if step == 'vae_decoder':
+      c.vae_train.init_from = self.workdir('vae')
+    elif step != 'vae':
       c.data.source = 'precomputed'
       c.data.train_dir, c.data.heldout_dir = self.train_dir, self.heldout_dir
     if step == 'teacher':
@@ -140,8 +143,8 @@ class Chain:
       train_loop.train(self.config(step), self.workdir(step))
     elif step == 'vae_export':
       from shotstream_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
-      c = self.config('vae')
-      vae_stage.export_vae(c, self.workdir('vae'), self.vae_file, c.vae_train.stat_clips)
+      c = self.config('vae_decoder')
+      vae_stage.export_vae(c, self.workdir('vae_decoder'), self.vae_file, c.vae_train.stat_clips)
     elif step == 'text':
       self._text()
     elif step == 'precompute':

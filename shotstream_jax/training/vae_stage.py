@@ -144,6 +144,15 @@ class VaeStage:
     return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
 
   def init_params(self, key, shardings):
+    if self.config.vae_train.init_from:   # stage 0b: go on from a trained VAE
+      from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+      params = init_lib.restore_networks(self.config.vae_train.init_from, [VAE],
+                                         field='vae_train.init_from')[VAE]
+      want = jax.tree.structure(vae_lib.param_shapes(self.vae))
+      if jax.tree.structure(params) != want:
+        raise ValueError(f'vae_train.init_from: {self.config.vae_train.init_from} holds a VAE '
+                         'of another architecture than this config\'s vae section')
+      return {VAE: jax.device_put(params, shardings[VAE])}
     gain = self.config.vae_train.init_gain
 
     def init(k):
