@@ -56,10 +56,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.freq_dim = 32
     m.text_dim = 32
     m.text_len = 512         # long story prompts; cheap at this width
-  m.in_channels = 16
-  m.out_channels = 16
-  # storyworld: its VAE down-samples 2x (16x16 latents), so 4x4 patches keep Wan's 8x8 pixels
-  # per token (16 tokens per latent frame).
+  # = vae.z_dim. storyworld: its VAE down-samples 2x to 16x16 latents of 4 channels, so 4x4
+  # patches keep Wan's 8x8 pixels per token (16 tokens per latent frame) and a token holds
+  # 4x4x4 = 64 values, under the width of 128 (README: StoryWorld default model).
+  m.in_channels = 4 if preset == 'storyworld' else 16
+  m.out_channels = m.in_channels
   m.patch_size = (1, 4, 4) if preset == 'storyworld' else (1, 2, 2)
   m.eps = 1e-6
   # What the head's output means. Wan predicts the flow velocity v = noise - x0 ('velocity').
@@ -112,6 +113,10 @@ def vae_config(preset: str) -> ml_collections.ConfigDict:
     # trip (README: StoryWorld default model). Trained by stage 0 (configs/train/vae.py);
     # the latent statistics measured on StoryWorld are folded into its quant convs, so the
     # shipped weights emit normalised latents and the normalisation here is the identity.
+    # 4 latent channels: with 16, a 4x4 DiT token held 256 values for a 128-wide network to
+    # render sub-token detail through its linear head, and its image samples stayed messy
+    # after 5500 steps (README); at 4 the conv decoder does the rendering.
+    v.z_dim = 4
     v.base_dim = 8
     v.dim_mult = (1, 2)
     v.num_res_blocks = 1

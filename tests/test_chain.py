@@ -80,7 +80,8 @@ def test_chain_end_to_end(tmp_path):
   video = pipe.generate({'global_caption': 'A red circle in a street. ',
                          'shot1': 'Wide shot of the circle; the camera is static.',
                          'shot2': 'Close-up shot of the circle; the camera pans left.'})
-  assert video.shape == (42, 32, 32, 3) and video.dtype == np.uint8
+  assert video.shape == (2 * pipe.frames_per_shot, 32, 32, 3) and pipe.frames_per_shot == 11
+  assert video.dtype == np.uint8
   with open(os.path.join(ch.path('precomputed', 'train'), 'meta.json')) as f:
     meta = json.load(f)
   assert meta['num_examples'] == 8 and meta['weights']['vae'].endswith('vae.safetensors')

@@ -21,11 +21,14 @@ from shotstream_jax.data import prompts
 from shotstream_jax.eval import harness
 from shotstream_jax.eval import judge
 from shotstream_jax.io import video as video_lib
+from shotstream_jax.models import vae as vae_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = os.path.join(REPO, 'configs', 'stories', 'storyworld.json')
 FLOORS = {'overall': 0.8, 'identity': 0.7, 'adherence': 0.7}   # means over the stories
 MAX_BYTES = 30 * 2 ** 20
+_CFG = shotstream.get_config('storyworld')
+FRAMES = vae_lib.pixel_frames(_CFG.vae, _CFG.sampling.shot_latent_frames)   # per shot
 
 
 # Until a trained model meets the floors, the repository ships none (README, "The StoryWorld
@@ -76,7 +79,7 @@ def test_readme_command_one(tmp_path):
   with open(STORY) as f:
     story = json.load(f)
   video = video_lib.read_video(str(out))
-  assert video.shape == ((len(story) - 1) * 21, 32, 32, 3)
+  assert video.shape == ((len(story) - 1) * FRAMES, 32, 32, 3)
   s = _scores(video, story)    # through mp4 compression: a looser floor
   assert s.overall >= FLOORS['overall'] - 0.1, s.summary()
 
@@ -89,5 +92,5 @@ def test_interactive_with_shipped_model(tmp_path):
                         f'--out={out}'], cwd=REPO, input=stdin, capture_output=True, text=True,
                        timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert 'shot 2: 21 frames written' in res.stderr
-  assert video_lib.read_video(str(out)).shape == (42, 32, 32, 3)
+  assert f'shot 2: {FRAMES} frames written' in res.stderr
+  assert video_lib.read_video(str(out)).shape == (2 * FRAMES, 32, 32, 3)

@@ -126,3 +126,26 @@ def test_teacher_sampler_in_the_pipeline_is_ode_pairs():
   np.testing.assert_allclose(got, traj[:, -1], atol=2e-4)
   video = pipe.generate(['boats at dawn', 'a gull lands'], seed=0)
   assert video.shape[0] == 2 * pipe.frames_per_shot
+
+
+def test_cond_only_is_the_conditional_half():
+  """guided_velocity_fn(cond_only=True), used where the guidance weighs the unconditional branch
+  by 0, runs the conditional rows alone and gives the 2B call's conditional half."""
+  m = shotstream.get_config('tiny').model
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape),
+                        dit.init_params(m, jax.random.key(0)))
+  b, c, f = 2, m.context_frames, 3
+  ks = jax.random.split(jax.random.key(2), 4)
+  cond = teacher.FrameConcat(jax.random.normal(ks[0], (b, c, 4, 6, m.in_channels)),
+                             jnp.tile(jnp.arange(c + f) // 3, (b, 1)),
+                             jnp.tile(jnp.arange(c + f) % 2, (b, 1)))
+  text = jax.random.normal(ks[1], (2, 5, m.text_dim))
+  uncond = jnp.zeros((1, 5, m.text_dim))
+  x = jax.random.normal(ks[2], (b, f, 4, 6, m.in_channels))
+  t = jnp.array([900.0, 300.0])
+  v_c, v_u = teacher.guided_velocity_fn(m, params, cond, text, uncond)(x, t)
+  only_c, only_again = teacher.guided_velocity_fn(m, params, cond, text, uncond,
+                                                  cond_only=True)(x, t)
+  np.testing.assert_allclose(only_c, v_c, atol=2e-5)
+  np.testing.assert_array_equal(only_c, only_again)
+  assert np.abs(np.asarray(v_u - v_c)).max() > 1e-3     # the halves differ: the test can fail

@@ -139,7 +139,7 @@ def test_parity_with_diffusers(tiny, t):
 
 
 def test_parity_with_diffusers_storyworld_shape():
-  """The storyworld preset's VAE (2 levels, 2x temporal, one res block) is still exactly
+  """The storyworld preset's VAE (2 levels, 2x temporal, one res block, z 4) is still exactly
   diffusers' AutoencoderKLWan at those settings (9 frames: diffusers encodes in 4-frame pieces,
   we in 2-frame ones, and both are exact because every temporal op is causal); streaming decode
   in chunks of 3 latents, as generation decodes, equals whole-clip decode."""
@@ -150,7 +150,7 @@ def test_parity_with_diffusers_storyworld_shape():
   video = np.random.RandomState(0).uniform(-1, 1, (1, 9, 32, 32, 3)).astype(np.float32)
   mu = _torch_encode_mu(model, video)
   z = np.asarray(jax.jit(functools.partial(vae_lib.encode, vae))(params, jnp.asarray(video)))
-  assert z.shape == (1, 5, 16, 16, 16)
+  assert z.shape == (1, 5, 16, 16, cfg.z_dim) and cfg.z_dim == 4
   assert np.abs(z - _normalise(cfg, mu)).max() < ENC_TOL
   want_x = _torch_decode(model, mu)
   x = np.asarray(vae_lib.decode(vae, params, jnp.asarray(z)))

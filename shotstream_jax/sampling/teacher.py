@@ -49,16 +49,23 @@ def frameconcat_velocity(model_cfg, params, cond: FrameConcat, x_t, t, text=None
 
 
 def guided_velocity_fn(model_cfg, params, cond: FrameConcat, text=None, uncond_text=None,
-                       text_kv=None, uncond_kv=None) -> Callable:
+                       text_kv=None, uncond_kv=None, cond_only: bool = False) -> Callable:
   """fn(x_t [B, F, ...], t [B]) -> (v_cond, v_uncond) in ONE DiT call on a 2B batch.
 
   The unconditional half routes every frame to row 0 of `uncond_text` (or `uncond_kv`), the
   negative or empty prompt; its rows are appended to the caption table. Same numbers as two
   calls (`frameconcat_velocity` with `cond`, then with `uncond_routing(cond)`), with larger
-  matmuls: CFG costs one pass per step instead of two.
+  matmuls: CFG costs one pass per step instead of two. `cond_only` (for a guidance that weighs
+  the unconditional branch by 0) runs the B conditional rows alone and returns (v, v).
   """
   if (text is None) == (text_kv is None):
     raise ValueError('text: pass the caption rows or their K/V, not both')
+  if cond_only:
+    def cond_fn(x, t):
+      t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+      v = frameconcat_velocity(model_cfg, params, cond, x, t, text, text_kv)
+      return v, v
+    return cond_fn
   rows = text.shape[0] if text is not None else text_kv[0].shape[1]
   both = FrameConcat(
       jnp.concatenate([cond.ctx_latents, cond.ctx_latents]),
@@ -144,7 +151,8 @@ def ode_pairs(model_cfg, params, noise, cond: FrameConcat, text, uncond_text,
   layout of the reference's ODE files (`0_input, 13_input, 25_input, 37_input, pred_x0`).
   `uncond_text` is the negative prompt's [1, L, text_dim] rows (every frame attends to it).
   """
-  velocity_fn = guided_velocity_fn(model_cfg, params, cond, text, uncond_text)
+  velocity_fn = guided_velocity_fn(model_cfg, params, cond, text, uncond_text,
+                                   cond_only=guidance == 1.0)
   saved, x0 = euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
   ts, _ = euler_grid(num_steps, shift)
   times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
@@ -180,7 +188,8 @@ class TeacherSampler:
                        jnp.concatenate([plan.ctx_caption, gen(plan.gen_caption)], 1))
     m = self.model_cfg
     uncond_kv = dit.WanTextKV(m).apply({'params': params}, self.uncond_text)
-    velocity_fn = guided_velocity_fn(m, params, cond, text_kv=plan.text_kv, uncond_kv=uncond_kv)
+    velocity_fn = guided_velocity_fn(m, params, cond, text_kv=plan.text_kv, uncond_kv=uncond_kv,
+                                     cond_only=self.guidance == 1.0)
     noise = jax.random.normal(key, (b, f) + self.latent_hw + (m.in_channels,), jnp.float32)
     _, x0 = euler_cfg(velocity_fn, noise, self.guidance, self.num_steps, self.shift, (),
                       self.num_train_timesteps)

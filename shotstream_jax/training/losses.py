@@ -134,7 +134,7 @@ def real_score_x0(model_cfg, teacher_params, cond, x_t, t, text, uncond_text,
                   guidance: float = 3.0):
   """Frozen teacher's x0 with guidance `cond + g (cond - uncond)` (negative prompt as uncond)."""
   v_c, v_u = teacher_lib.guided_velocity_fn(model_cfg, teacher_params, cond, text,
-                                            uncond_text)(x_t, t)
+                                            uncond_text, cond_only=guidance == 0.0)(x_t, t)
   return x0_from_flow(x_t, cfg_combine(v_c, v_u, 1.0 + guidance), t / 1000.0)
 
 
