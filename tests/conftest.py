@@ -34,7 +34,18 @@ def pytest_addoption(parser):
                    help='also run tests marked huge (>10 GB of disk or RAM: a full umT5-XXL file, the full-size DiT and VAE parity)')
 
 
+# The longest tests (minutes each on 2 cores), started first: the README runs the suite in two
+# xdist workers, which hand tests out in collection order, so a long test collected last would
+# run alone at the end while the other worker idles.
+_RUN_FIRST = ('tests/test_chain.py::test_chain_end_to_end',
+              'tests/test_train_sharded.py::test_every_stage_runs_sharded',
+              'tests/test_train_dmd.py::test_dmd_inter_schedule',
+              'tests/test_train_sharded.py::test_kill_and_resume_is_bitwise_identical')
+
+
 def pytest_collection_modifyitems(config, items):
+  rank = {nodeid: i for i, nodeid in enumerate(_RUN_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))   # stable: the rest keep order
   for marker, option in (('slow', '--runslow'), ('huge', '--runhuge')):
     if config.getoption(option):
       continue
