@@ -57,7 +57,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.batch_size = 4     # 50 Euler steps x 2B teacher rows per step
     c.optim.generator = common.adamw(lr=1e-4, clip=1.0, b1=0.9, b2=0.99)
     c.optim.teacher = frozen
-    c.train.num_steps = 100
+    # 300 steps (1200 teacher trajectories): at 100 the held-out ODE loss was still falling
+    # (1.00 -> 0.61 -> 0.47 at 0 / 50 / 100, fourth attempt); CFG 1 runs the teacher on B rows.
+    c.train.num_steps = 300
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.checkpoint_every = 25
