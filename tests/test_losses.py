@@ -106,8 +106,8 @@ def test_score_timesteps_on_grid_and_clamped():
 
 def test_cfg_combine_forms():
   c, u = jnp.asarray(2.0), jnp.asarray(0.5)
-  assert float(losses.cfg_combine(c, u, 6.0)) == 0.5 + 6 * 1.5          # teacher sampler
-  assert float(losses.cfg_combine(c, u, 1 + 3.0)) == 2.0 + 3 * 1.5      # DMD real score
+  assert float(teacher.cfg_combine(c, u, 6.0)) == 0.5 + 6 * 1.5          # teacher sampler
+  assert float(teacher.cfg_combine(c, u, 1 + 3.0)) == 2.0 + 3 * 1.5      # DMD real score
 
 
 def test_critic_flow_loss_matches_hand_written_and_trains_only_the_critic():

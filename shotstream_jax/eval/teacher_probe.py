@@ -72,9 +72,8 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
     pred = x_t - s * velocity(x_t, jnp.full((num,), 1000.0 * s))
     x0_mse[str(s)] = round(float(jnp.mean(jnp.square(pred - x0))), 4)
   fn = teacher_lib.guided_velocity_fn(m, params, cond, text, jnp.zeros_like(text[:1]),
-                                      cond_only=guidance == 1.0)
-  sample = jax.jit(lambda z: teacher_lib.euler_cfg(fn, z, guidance, num_steps,
-                                                   c.sampling.shift, ())[1])
+                                      guidance=guidance)
+  sample = jax.jit(lambda z: teacher_lib.euler(fn, z, num_steps, c.sampling.shift, ())[1])
   x = sample(jax.random.normal(jax.random.PRNGKey(1), x0.shape))
   vae = vae_lib.WanVAE(c.vae)
   vae_params = convert_vae.load_vae(chain.vae_file, c.vae)

@@ -48,23 +48,30 @@ def frameconcat_velocity(model_cfg, params, cond: FrameConcat, x_t, t, text=None
   return v[:, cf:]
 
 
-def guided_velocity_fn(model_cfg, params, cond: FrameConcat, text=None, uncond_text=None,
-                       text_kv=None, uncond_kv=None, cond_only: bool = False) -> Callable:
-  """fn(x_t [B, F, ...], t [B]) -> (v_cond, v_uncond) in ONE DiT call on a 2B batch.
+def cfg_combine(cond, uncond, scale):
+  """uncond + scale (cond - uncond): classifier-free guidance. The reference's sampler CFG g is
+  scale g; DMD's real score `cond + g (cond - uncond)` is scale 1 + g."""
+  return uncond + scale * (cond - uncond)
 
-  The unconditional half routes every frame to row 0 of `uncond_text` (or `uncond_kv`), the
-  negative or empty prompt; its rows are appended to the caption table. Same numbers as two
-  calls (`frameconcat_velocity` with `cond`, then with `uncond_routing(cond)`), with larger
-  matmuls: CFG costs one pass per step instead of two. `cond_only` (for a guidance that weighs
-  the unconditional branch by 0) runs the B conditional rows alone and returns (v, v).
+
+def guided_velocity_fn(model_cfg, params, cond: FrameConcat, text=None, uncond_text=None,
+                       text_kv=None, uncond_kv=None, guidance: float = 1.0) -> Callable:
+  """fn(x_t [B, F, ...], t [B]) -> the guided velocity `cfg_combine(v_cond, v_uncond, guidance)`.
+
+  The one place that decides what a guidance weight costs. At guidance 1 (the unconditional
+  branch weighs 0: stages 1-2 and the probe at CFG 1, DMD's real score at g = 0) only the B
+  conditional rows run. Otherwise both branches run in ONE DiT call on a 2B batch: the
+  unconditional half routes every frame to row 0 of `uncond_text` (or `uncond_kv`), the negative
+  or empty prompt, appended to the caption table; the same numbers as two calls
+  (`frameconcat_velocity` with `cond`, then with `uncond_routing(cond)`) with larger matmuls.
   """
   if (text is None) == (text_kv is None):
     raise ValueError('text: pass the caption rows or their K/V, not both')
-  if cond_only:
+  guidance = float(guidance)
+  if guidance == 1.0:
     def cond_fn(x, t):
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-      v = frameconcat_velocity(model_cfg, params, cond, x, t, text, text_kv)
-      return v, v
+      return frameconcat_velocity(model_cfg, params, cond, x, t, text, text_kv)
     return cond_fn
   rows = text.shape[0] if text is not None else text_kv[0].shape[1]
   both = FrameConcat(
@@ -80,7 +87,7 @@ def guided_velocity_fn(model_cfg, params, cond: FrameConcat, text=None, uncond_t
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
     v = frameconcat_velocity(model_cfg, params, both, jnp.concatenate([x, x]),
                              jnp.concatenate([t, t]), table, kv)
-    return v[:b], v[b:]
+    return cfg_combine(v[:b], v[b:], guidance)
   return fn
 
 
@@ -113,13 +120,13 @@ def check_save_steps(save_steps: Sequence[int], sampling_cfg, num_steps: int = 5
   return got
 
 
-def euler_cfg(velocity_fn: Callable, noise, guidance: float = 6.0, num_steps: int = 50,
-              shift: float = 8.0, save_steps: Sequence[int] = SAVE_STEPS,
-              num_train_timesteps: int = 1000):
-  """Euler over the shifted grid with CFG `uncond + g (cond - uncond)`.
+def euler(velocity_fn: Callable, noise, num_steps: int = 50, shift: float = 8.0,
+          save_steps: Sequence[int] = SAVE_STEPS, num_train_timesteps: int = 1000):
+  """Euler over the shifted grid from `noise` (sigma 1) to sigma 0.
 
-  velocity_fn(x [B, F, ...], t [B]) -> (v_cond, v_uncond). Returns (saved [B, S, F, ...], the
-  latents entering each of `save_steps`; x0 [B, F, ...]). One `lax.scan` over the steps.
+  velocity_fn(x [B, F, ...], t [B]) -> v, e.g. `guided_velocity_fn` (guidance lives there).
+  Returns (saved [B, S, F, ...], the latents entering each of `save_steps`; x0 [B, F, ...]).
+  One `lax.scan` over the steps.
   """
   ts, sig = euler_grid(num_steps, shift, num_train_timesteps)
   slot = np.full(num_steps, len(save_steps), np.int32)  # out of range = not saved (dropped)
@@ -131,8 +138,7 @@ def euler_cfg(velocity_fn: Callable, noise, guidance: float = 6.0, num_steps: in
     t, s_now, s_next, k = inputs
     if save_steps:
       saved = saved.at[k].set(x, mode='drop')
-    v_cond, v_uncond = velocity_fn(x, jnp.full((b,), t, jnp.float32))
-    v = v_uncond + guidance * (v_cond - v_uncond)
+    v = velocity_fn(x, jnp.full((b,), t, jnp.float32))
     return (x + (s_next - s_now) * v, saved), None
 
   saved = jnp.zeros((len(save_steps),) + noise.shape, noise.dtype)
@@ -151,9 +157,8 @@ def ode_pairs(model_cfg, params, noise, cond: FrameConcat, text, uncond_text,
   layout of the reference's ODE files (`0_input, 13_input, 25_input, 37_input, pred_x0`).
   `uncond_text` is the negative prompt's [1, L, text_dim] rows (every frame attends to it).
   """
-  velocity_fn = guided_velocity_fn(model_cfg, params, cond, text, uncond_text,
-                                   cond_only=guidance == 1.0)
-  saved, x0 = euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
+  velocity_fn = guided_velocity_fn(model_cfg, params, cond, text, uncond_text, guidance=guidance)
+  saved, x0 = euler(velocity_fn, noise, num_steps, shift, save_steps)
   ts, _ = euler_grid(num_steps, shift)
   times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
   return jnp.concatenate([saved, x0[:, None]], axis=1), times
@@ -189,8 +194,7 @@ class TeacherSampler:
     m = self.model_cfg
     uncond_kv = dit.WanTextKV(m).apply({'params': params}, self.uncond_text)
     velocity_fn = guided_velocity_fn(m, params, cond, text_kv=plan.text_kv, uncond_kv=uncond_kv,
-                                     cond_only=self.guidance == 1.0)
+                                     guidance=self.guidance)
     noise = jax.random.normal(key, (b, f) + self.latent_hw + (m.in_channels,), jnp.float32)
-    _, x0 = euler_cfg(velocity_fn, noise, self.guidance, self.num_steps, self.shift, (),
-                      self.num_train_timesteps)
+    _, x0 = euler(velocity_fn, noise, self.num_steps, self.shift, (), self.num_train_timesteps)
     return x0

@@ -113,11 +113,6 @@ def ode_regression_loss(model_cfg, params, trajectory, times, cond: teacher_lib.
 
 # ------------------------------------------------------------------ stages 3-4 (DMD)
 
-def cfg_combine(cond, uncond, scale):
-  """uncond + scale (cond - uncond). The real score's `cond + g (cond - uncond)` is scale 1 + g."""
-  return uncond + scale * (cond - uncond)
-
-
 def dmd_direction(x, real_x0, fake_x0):
   """(fake_x0 - real_x0) / mean|x - real_x0| (per sample), NaN/Inf replaced as the reference."""
   norm = jnp.mean(jnp.abs(x - real_x0), axis=tuple(range(1, x.ndim)), keepdims=True)
@@ -133,9 +128,9 @@ def dmd_loss(x, grad, mask=None):
 def real_score_x0(model_cfg, teacher_params, cond, x_t, t, text, uncond_text,
                   guidance: float = 3.0):
   """Frozen teacher's x0 with guidance `cond + g (cond - uncond)` (negative prompt as uncond)."""
-  v_c, v_u = teacher_lib.guided_velocity_fn(model_cfg, teacher_params, cond, text,
-                                            uncond_text, cond_only=guidance == 0.0)(x_t, t)
-  return x0_from_flow(x_t, cfg_combine(v_c, v_u, 1.0 + guidance), t / 1000.0)
+  v = teacher_lib.guided_velocity_fn(model_cfg, teacher_params, cond, text, uncond_text,
+                                     guidance=1.0 + guidance)(x_t, t)
+  return x0_from_flow(x_t, v, t / 1000.0)
 
 
 def fake_score_x0(model_cfg, critic_params, cond, x_t, t, text):

@@ -89,8 +89,8 @@ def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: flo
   teacher = jax.lax.stop_gradient(params[TEACHER])
 
   velocity_fn = teacher_lib.guided_velocity_fn(model_cfg, teacher, cond, text, uncond_text,
-                                               cond_only=guidance == 1.0)
-  saved, x0 = teacher_lib.euler_cfg(velocity_fn, noise, guidance, num_steps, shift, save_steps)
+                                               guidance=guidance)
+  saved, x0 = teacher_lib.euler(velocity_fn, noise, num_steps, shift, save_steps)
   ts, _ = teacher_lib.euler_grid(num_steps, shift)
   times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
   trajectory = jax.lax.stop_gradient(jnp.concatenate([saved, x0[:, None]], axis=1))
