@@ -55,6 +55,37 @@ def check_new_path(path: str, field: str, suffixes=None, exist_ok: bool = False)
 
 _CONFIG_FLAGS = []   # names defined by define_config_file, loaded eagerly by run()
 
+# XLA's compiled programs persist here between runs (JAX's persistent compilation cache), so a
+# second `generate.py` / `train.py` / `evaluate.py` of the same shapes skips compilation.
+# `--compilation_cache=` (empty) turns it off; JAX's own JAX_COMPILATION_CACHE_DIR sets the
+# default (the test suite points it at a per-run folder).
+CACHE_MIN_COMPILE_SECONDS = 0.0
+
+
+def default_compilation_cache() -> str:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(base, 'shotstream_jax',
+                                                                     'xla')
+
+
+def enable_compilation_cache(path: str):
+  """Point JAX's persistent compilation cache at `path` ('' turns it off). Call before the
+  first compilation; a folder that cannot be created raises OSError naming the flag. Compiles
+  under CACHE_MIN_COMPILE_SECONDS are not stored unless JAX's own variable says otherwise."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not path:
+    jax.config.update('jax_compilation_cache_dir', None)
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OSError(f'--compilation_cache: cannot create {path}: {e.strerror}') from None
+  jax.config.update('jax_compilation_cache_dir', path)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECONDS)
+  return path
+
 
 def _fail(message: str):
   print(f'error: {message}', file=sys.stderr)
@@ -91,6 +122,11 @@ def run(main):
   """absl's app.run, with flag and config errors (unknown preset or field, missing config file,
   a value of the wrong type) as `error: <flag>: <what>` and exit 2 before main runs."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if 'compilation_cache' not in flags.FLAGS:
+    flags.DEFINE_string('compilation_cache', default_compilation_cache(),
+                        'Persistent XLA compilation cache folder (a second run of the same '
+                        'shapes skips compiling); empty = off; default: '
+                        '$JAX_COMPILATION_CACHE_DIR, else ~/.cache/shotstream_jax/xla.')
 
   def parse(argv):
     try:
@@ -108,5 +144,9 @@ def run(main):
         flags.FLAGS[name].value.keys()
       except (OSError, AttributeError, ValueError) as e:
         _fail(f'--{name}: {_last_line(e)}')
+    try:
+      enable_compilation_cache(flags.FLAGS.compilation_cache)
+    except OSError as e:
+      _fail(str(e))
     return rest
   app.run(main, flags_parser=parse)

@@ -144,3 +144,26 @@ def test_truncated_checkpoint_is_named(tmp_path, story):
   assert res.returncode == 2, res.stderr[-2000:]
   last = res.stderr.strip().splitlines()[-1]
   assert 'checkpoint: cannot read' in last and 'dit.pt' in last, last
+
+
+def test_compilation_cache_is_written_then_reused(tmp_path, story):
+  """--compilation_cache: the first run writes XLA's programs, a second identical run finds
+  every one of them (it adds no entry: JAX writes each miss, the suite's threshold being 0
+  seconds) and writes the same video; a folder that cannot be created is one line."""
+  cache = tmp_path / 'xla'
+  args = ('--config=configs/shotstream.py:tiny', f'--prompts={story}', '--nowarmup',
+          f'--compilation_cache={cache}')
+  first = run_cli(*args, f'--out={tmp_path}/a.mp4')
+  assert first.returncode == 0, first.stderr[-3000:]
+  written = sorted(os.listdir(cache))
+  assert len(written) >= 5, written            # text K/V, prefill, chunk, decode, encode ...
+  second = run_cli(*args, f'--out={tmp_path}/b.mp4')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert sorted(os.listdir(cache)) == written
+  np.testing.assert_array_equal(video_lib.read_video(f'{tmp_path}/a.mp4'),
+                                video_lib.read_video(f'{tmp_path}/b.mp4'))
+  (tmp_path / 'file').write_text('x')
+  bad = run_cli(*args[:3], f'--compilation_cache={tmp_path}/file/xla', f'--out={tmp_path}/c.mp4')
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == [
+      f'error: --compilation_cache: cannot create {tmp_path}/file/xla: Not a directory']
