@@ -54,7 +54,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # vs the data's 0.98) at g = 1, and saturate off-palette at g = 2.5 / 4 (std 1.11 / 1.27;
     # launch/probe_teacher.py, README "Deviations").
     o.guidance = 1.0
-    c.data.batch_size = 4     # 50 Euler steps x 2B teacher rows per step
+    c.data.batch_size = 4     # 50 Euler teacher steps per example (B rows each at CFG 1)
     c.optim.generator = common.adamw(lr=1e-4, clip=1.0, b1=0.9, b2=0.99)
     c.optim.teacher = frozen
     # 300 steps (1200 teacher trajectories): at 100 the held-out ODE loss was still falling

@@ -88,15 +88,12 @@ def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: flo
   noise = jax.random.normal(k_noise, (ctx.shape[0], target_frames) + ctx.shape[2:], ctx.dtype)
   teacher = jax.lax.stop_gradient(params[TEACHER])
 
-  velocity_fn = teacher_lib.guided_velocity_fn(model_cfg, teacher, cond, text, uncond_text,
-                                               guidance=guidance)
-  saved, x0 = teacher_lib.euler(velocity_fn, noise, num_steps, shift, save_steps)
-  ts, _ = teacher_lib.euler_grid(num_steps, shift)
-  times = np.concatenate([ts[list(save_steps)], [0.0]]).astype(np.float32)
-  trajectory = jax.lax.stop_gradient(jnp.concatenate([saved, x0[:, None]], axis=1))
+  trajectory, times = teacher_lib.ode_pairs(model_cfg, teacher, noise, cond, text, uncond_text,
+                                            guidance, num_steps, shift, save_steps)
+  trajectory = jax.lax.stop_gradient(trajectory)
   loss, aux = losses.ode_regression_loss(model_cfg, params[GENERATOR], trajectory, times, cond,
                                          text, k_idx)
-  return loss, dict(aux, teacher_x0_std=jnp.std(x0))
+  return loss, dict(aux, teacher_x0_std=jnp.std(trajectory[:, -1]))
 
 
 class OdeInitStage:
