@@ -103,6 +103,53 @@ def test_context_free_teacher_trains(data_dir, tmp_path):
   assert batch['latents'].shape[1] == 1 and batch['text'].shape[1] == 1
 
 
+def test_mixed_example_carries_stage1a_images_of_its_story():
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(10):
+    ex = teacher_stage.make_mixed_example(_record(), rng, images=3, context_frames=6,
+                                          target_frames=4, target_shot='last')
+    np.testing.assert_array_equal(ex['latents'][6:, 0, 0, 0], [6, 7, 8, 0])   # the video part
+    img = ex['images']
+    assert img['latents'].shape == (3, 1, 2, 2, 16) and img['text'].shape == (3, 1, 5, 4)
+    s = img['latents'][:, 0, 0, 0, 0].astype(int) // 3
+    np.testing.assert_array_equal(img['latents'][:, 0, 0, 0, 0], 3 * s)   # a shot's first latent
+    np.testing.assert_array_equal(img['text'][:, 0, 0, 0], 1 + s)          # on its own caption
+    np.testing.assert_array_equal(img['frame_shot'], [[1]] * 3)
+    seen.update(s.tolist())
+  assert seen == {0, 1, 2}
+  assert 'images' not in teacher_stage.make_mixed_example(_record(), rng, images=0,
+                                                          context_frames=6, target_frames=4)
+
+
+def test_image_mix_adds_the_image_stage_loss_and_trains(data_dir, tmp_path):
+  """The mixed loss is the video loss plus image_weight x what stage 1a (use_context=False,
+  target_frames=1, a separately built stage) computes on the same images; a run logs both."""
+  c = train_fixtures.tiny_config(data_dir, **{
+      'teacher.image_mix': 2, 'teacher.image_weight': 0.5, 'train.num_steps': 4,
+      'train.log_every': 2, 'train.eval_every': 0, 'train.checkpoint_every': 4})
+  stage = teacher_stage.TeacherStage(c, str(tmp_path / 'probe'))
+  batch = next(stage.train_iterator(0, 1, 4))
+  assert batch['images']['latents'].shape[:3] == (4, 2, 1)
+  params = {'teacher': dit.init_params(c.model, jax.random.key(0))}
+  key = jax.random.key(3)
+  total, metrics = stage.loss(params, batch, key)
+  c1a = train_fixtures.tiny_config(data_dir, **{'teacher.use_context': False,
+                                                'teacher.target_frames': 1})
+  image_stage = teacher_stage.TeacherStage(c1a, str(tmp_path / 'probe1a'))
+  flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch['images'].items()}
+  image_loss, _ = image_stage.loss(params, flat, jax.random.split(key)[1])
+  np.testing.assert_allclose(total - metrics['video_loss'], 0.5 * image_loss, rtol=1e-5)
+  assert float(image_loss) > 0
+  workdir = str(tmp_path / 'run')
+  train_loop.train(c, workdir)
+  rows = [r for r in metrics_lib.read_jsonl(workdir) if 'image_flow_mse' in r]
+  assert rows and all(np.isfinite(r['image_flow_mse']) for r in rows)
+  with pytest.raises(ValueError, match='teacher.image_mix'):
+    teacher_stage.TeacherStage(train_fixtures.tiny_config(data_dir, **{'teacher.image_mix': -1}),
+                               str(tmp_path / 'bad'))
+
+
 def test_heldout_split_smaller_than_a_batch_is_an_error(data_dir, tmp_path):
   # 8 held-out stories, batches of 16: evaluation would have no batch and be skipped silently.
   c = train_fixtures.tiny_config(data_dir, **{'data.batch_size': 16, 'train.eval_every': 1,

@@ -10,7 +10,8 @@ with fp32 master weights, per-block remat, on precomputed shards (`data.train_di
 `storyworld` trains the preset's DiT from scratch on StoryWorld shards encoded by the stage-0
 VAE (launch/reproduce.py chains it): every param, AdamW with momentum and warm-up (from
 scratch, not a fine-tune), uniform loss weighting (the student's steps and the DMD scores sit
-at t > 700, where the reference's bump gives almost no weight), whole 6-latent shots.
+at t > 700, where the reference's bump gives almost no weight), whole 6-latent shots, and
+4 stage-1a images of each story beside it (`teacher.image_mix`: keeps what stage 1a learned).
 """
 
 import ml_collections
@@ -34,12 +35,17 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.prompt_dropout = 0.1
   t.weighting = 'bump'        # w(t); 'uniform' turns it off
   t.eval_batches = 0          # held-out batches per evaluation (0 = the whole split)
+  # Images (stage-1a examples: a shot's first latent frame, no context) of each story example
+  # trained beside it, loss weight image_weight; 0 = the reference (teacher_stage docstring).
+  t.image_mix = 0
+  t.image_weight = 1.0
 
   if tiny:
     c.optim.teacher = common.adamw(lr=1e-3, clip=10.0, weight_decay=0.01)
   elif preset == 'storyworld':
     t.weighting = 'uniform'
     t.eval_batches = 4
+    t.image_mix = 4           # 16 stories x 4 = 64 images a step, stage 1a's batch
     c.optim.teacher = common.adamw(lr=2e-3, clip=1.0, weight_decay=0.01, b1=0.9, b2=0.99)
     c.optim.teacher.warmup_steps = 100
     c.optim.teacher.ema_decay = 0.999   # samples from the EMA (train_loop.with_ema)

@@ -18,6 +18,7 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   c = teacher.get_config(preset)
   c.teacher.use_context = False
   c.teacher.target_frames = 1
+  c.teacher.image_mix = 0      # its examples are the images
   c.data.batch_size = 64
   c.train.num_steps = 10000 if preset == 'storyworld' else 4
   # Constant after warm-up: a run extended to more steps (resumed from its last checkpoint)
