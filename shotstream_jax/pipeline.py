@@ -36,6 +36,7 @@ from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import umt5
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
+from shotstream_jax.sampling import story as story_lib
 from shotstream_jax import text as text_lib
 
 StoryLike = Union[prompts_lib.Story, dict, Sequence[str]]
@@ -124,6 +125,7 @@ class ShotStreamPipeline:
     self.prompt_encoder = prompt_encoder
     self.budget = config.model.context_frames
     self.compile_counts: Dict[str, int] = collections.Counter()
+    self._story_generators: Dict[tuple, story_lib.StoryGenerator] = {}
 
     vae, sampler = self.vae, self.sampler
     if self.streams:
@@ -251,6 +253,52 @@ class ShotStreamPipeline:
         session.run_shot(caption)
     return session.video()
 
+  def generate_batch(self, stories: Sequence[StoryLike], seeds: Sequence[int],
+                     mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
+    """Whole stories in one jitted call (sampling/story.py), uint8 [B, T, H, W, 3].
+
+    Every story needs the same number of shots (one compilation per batch size and shot
+    count); story i equals `generate(stories[i], seeds[i], streaming=False)`. `mesh`: split
+    the stories over its 'data' axis.
+    """
+    if not self.streams:
+      raise ValueError('generate_batch: needs the streaming student (this pipeline runs '
+                       f'{type(self.sampler).__name__})')
+    stories = [as_story(s) for s in stories]
+    if not stories or len(seeds) != len(stories):
+      raise ValueError(f'generate_batch: {len(stories)} stories and {len(seeds)} seeds; give '
+                       'one seed per story, at least one story')
+    shots = {len(s.shots) for s in stories}
+    if len(shots) != 1:
+      raise ValueError(f'generate_batch: every story needs the same number of shots, got '
+                       f'{sorted(shots)}; batch stories by shot count')
+    num_shots = shots.pop()
+    key = (num_shots, mesh)
+    if key not in self._story_generators:
+      self._story_generators[key] = story_lib.StoryGenerator(
+          self.sampler, self.vae, num_shots, self.frames_per_shot, self.budget,
+          self.config.sampling.context, mesh)
+    rows = jnp.stack([
+        self.prompt_encoder([shot_text(self.prompt_encoder, s.global_caption, j, c)[0]
+                             for j, c in enumerate(s.shots)]) for s in stories])
+    return np.asarray(self._story_generators[key](self.dit_params, self.vae_params, rows,
+                                                  np.asarray(seeds)))
+
+
+def shot_text(prompt_encoder, global_caption: str, shot: int, caption: str):
+  """(text, tokens cut) encoded for 0-based `shot`: prompts_lib.fit_shot_prompt under the
+  tokenizer's budget, so a long global caption never erases the shot prompt (a cut is logged);
+  an encoder without a tokenizer gets the reference text and truncates it itself."""
+  tok = getattr(prompt_encoder, 'tokenizer', None)
+  if tok is None:
+    return prompts_lib.shot_prompt(global_caption, shot, caption), 0
+  prompt, cut = prompts_lib.fit_shot_prompt(global_caption, shot, caption, tok.num_tokens,
+                                            tok.text_len - 1)
+  if cut:
+    logging.warning('prompt: shot %d is %d tokens over text_len %d; cut from the end of the '
+                    'global caption so the shot prompt is kept', shot + 1, cut, tok.text_len)
+  return prompt, cut
+
 
 class StorySession:
   """One story being directed shot by shot; holds decoded frames of earlier shots.
@@ -305,22 +353,14 @@ class StorySession:
                            i32(choice.gen_shot), i32(choice.gen_caption), text_kv)
 
   def _prompt(self, shot: int) -> str:
-    """The text encoded for `shot`: prompts_lib.fit_shot_prompt under the tokenizer's budget
-    (a cut is reported once per shot on stderr and kept in `self.prompt_cuts`)."""
+    """The text encoded for `shot` (`shot_text`; a cut is reported once per shot on stderr and
+    kept in `self.prompt_cuts`)."""
     key = (shot, self.captions[shot])
     if key not in self._prompts:
-      tok = getattr(self.pipe.prompt_encoder, 'tokenizer', None)
-      if tok is None:   # a custom encoder: the reference text, its own truncation
-        self._prompts[key] = prompts_lib.shot_prompt(self.global_caption, shot, key[1])
-      else:
-        prompt, cut = prompts_lib.fit_shot_prompt(self.global_caption, shot, key[1],
-                                                  tok.num_tokens, tok.text_len - 1)
-        if cut:
-          self.prompt_cuts[shot] = cut
-          logging.warning('prompt: shot %d is %d tokens over text_len %d; cut from the end of '
-                          'the global caption so the shot prompt is kept', shot + 1, cut,
-                          tok.text_len)
-        self._prompts[key] = prompt
+      self._prompts[key], cut = shot_text(self.pipe.prompt_encoder, self.global_caption, shot,
+                                          key[1])
+      if cut:
+        self.prompt_cuts[shot] = cut
     return self._prompts[key]
 
   def _shot_key(self):

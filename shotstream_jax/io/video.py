@@ -26,10 +26,11 @@ def to_unit(frames):
   return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
 
 
-def to_uint8(frames) -> np.ndarray:
-  """[-1, 1] floats -> uint8 RGB, as the reference writes (x * 0.5 + 0.5, clamped, * 255)."""
-  x = np.clip(np.asarray(frames, np.float32) * 0.5 + 0.5, 0.0, 1.0)
-  return np.round(x * 255.0).astype(np.uint8)
+def to_uint8(frames, xp=np):
+  """[-1, 1] floats -> uint8 RGB, as the reference writes (x * 0.5 + 0.5, clamped, * 255).
+  `xp=jax.numpy` inside a jitted function (sampling/story.py); the same numbers."""
+  x = xp.clip(xp.asarray(frames, xp.float32) * 0.5 + 0.5, 0.0, 1.0)
+  return xp.round(x * 255.0).astype(xp.uint8)
 
 
 def probe_video(path: str) -> dict:
