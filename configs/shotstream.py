@@ -91,6 +91,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.attention = 'xla'         # 'xla' | 'cudnn' (GPU only)
   m.remat = False             # nn.remat per block (training)
+  # Blocks per iteration of the layer scan. 1 everywhere; launch/aot.py sets 2 on a 2-layer
+  # copy to measure one block's cost (XLA's cost analysis counts a scanned body once).
+  m.scan_unroll = 1
   return m
 
 

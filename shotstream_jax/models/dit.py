@@ -328,6 +328,7 @@ class WanDiT(nn.Module):
     block = nn.remat(WanBlock, prevent_cse=False) if cfg.remat else WanBlock
     blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                     unroll=cfg.get('scan_unroll', 1),
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     x, kv = blocks(cfg, return_kv, name='blocks')(x, (prefix_kv, text_kv), shared)
 
@@ -369,6 +370,7 @@ class WanTextKV(nn.Module):
     cfg = self.config
     blocks = nn.scan(_TextKVBlock, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=0, length=cfg.num_layers,
+                     unroll=cfg.get('scan_unroll', 1),
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     _, kv = blocks(cfg, name='blocks')(_text_embedding(cfg, context), None)
     return kv

@@ -1,0 +1,248 @@
+"""Generation compiled ahead of time for a chip you may not have: memory, FLOPs, time.
+
+    report = aot.analyse(config, 'chunk', 'v5p:2x2x1')   # needs libtpu for a TPU target
+    report = aot.analyse(config, 'chunk', 'local')       # the devices of this process
+
+`jax.jit(piece).lower(abstract inputs).compile()` runs the real compiler of the target (for a TPU
+topology: libtpu's, from `jax.experimental.topologies`, no TPU attached), on one chip. What it
+reports per call of the piece, in JSON-able form:
+
+  memory      argument / output / temporary / generated-code bytes per device, and whether
+              argument + output - alias + temporary fits the chip's HBM (CHIPS).
+  flops       XLA's cost analysis. It counts the body of a `lax.scan` once, not once per
+              iteration, and the DiT's 30 blocks are a scan: one block's cost is the
+              difference between a 4-layer copy compiled with two blocks per scan iteration
+              (`model.scan_unroll=2`) and with one, and is added L - 1 times. (Not 1- and
+              2-layer copies: a scan of one iteration is inlined, and the last block's work
+              past its K/V, dead in the prefill and the cache pass, is then removed, which
+              the scanned program never does.) `flops_scan_body_once` is the uncorrected
+              number; `analytic_flops` the matmul count of `dit_flops`.
+  seconds     the compiler's `optimal_seconds` (TPU only), corrected the same way, and the
+              implied frames per second of the piece.
+
+Pieces: text_kv (caption-table K/V, once per shot), prefill (the global cache, once per shot),
+chunk (4 denoising steps + the cache pass of one chunk), shot (prefill + the scan over a shot's
+chunks; memory only, as its chunk scan is also counted once), decode (the VAE's streaming
+decode of one chunk). `shot_totals` combines them into a streamed shot's cost and frame rate:
+frames per shot / (text_kv + prefill + chunks x (chunk + decode)).
+"""
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax.models import dit
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.sampling import causal
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: float      # per chip, Google's published figure
+  bf16_flops: float     # peak dense bf16 FLOP/s per chip, published
+
+
+CHIPS = {
+    'v4': Chip(32e9, 275e12),
+    'v5e': Chip(16e9, 197e12),
+    'v5p': Chip(95e9, 459e12),
+    'v6e': Chip(32e9, 918e12),
+}
+PIECES = ('text_kv', 'prefill', 'chunk', 'shot', 'decode')
+SCANNED = ('text_kv', 'prefill', 'chunk')   # the DiT's layer scan, corrected per block
+PROBE_LAYERS = 4   # layers of the copies that measure one block (two scan iterations or more)
+
+
+def target_devices(topology: str) -> List:
+  """'local' -> this process's devices; '<chip>:<shape>' (e.g. 'v5p:2x2x1') -> the devices of
+  that TPU topology, for compiling only (needs the libtpu wheel)."""
+  if topology == 'local':
+    return jax.local_devices()
+  chip = topology.split(':')[0]
+  if chip not in CHIPS or ':' not in topology:
+    raise ValueError(f'--topology: expected local or <chip>:<shape> with chip in '
+                     f'{", ".join(CHIPS)} (e.g. v5p:2x2x1), got {topology!r}')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(topology, 'tpu').devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'--topology: cannot describe {topology!r} ({type(e).__name__}: '
+                     f'{str(e).splitlines()[0] if str(e) else ""}); compiling for a TPU needs the '
+                     'libtpu wheel matching jax (README: Speed)') from None
+
+
+def _abstract(tree, sharding):
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def piece_inputs(config, piece: str, sharding):
+  """(function, abstract arguments) of one generation piece at `config`'s sizes, batch 1."""
+  if piece not in PIECES:
+    raise ValueError(f'--piece: unknown {piece!r}; accepted: {", ".join(PIECES)}')
+  m = config.model
+  hw = pipeline_lib.latent_size(config)
+  if piece == 'decode':
+    vae = vae_lib.WanVAE(config.vae)
+    params = vae_lib.param_shapes(vae)
+    latents = jax.ShapeDtypeStruct((1, m.chunk_frames) + hw + (config.vae.z_dim,), jnp.float32)
+    cache = jax.eval_shape(lambda: vae_lib.init_decode_cache(vae, 1, *hw))
+    fn = lambda p, c, z: vae_lib.decode_step(vae, p, c, z)
+    return fn, _abstract((params, cache, latents), sharding)
+  sampler = causal.CausalSampler(m, config.sampling, hw)
+  params = dit.param_shapes(m)
+  rows = jax.ShapeDtypeStruct((m.context_frames + 1, config.text.text_len, m.text_dim),
+                              jnp.float32)
+  if piece == 'text_kv':
+    return (lambda p, r: dit.WanTextKV(m).apply({'params': p}, r),
+            _abstract((params, rows), sharding))
+  text_kv = jax.eval_shape(lambda p, r: dit.WanTextKV(m).apply({'params': p}, r), params, rows)
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  cf = m.context_frames
+  plan = causal.ShotPlan(jax.ShapeDtypeStruct((1, cf) + hw + (m.in_channels,), jnp.float32),
+                         i32(1, cf), i32(1, cf), i32(1), i32(1), text_kv)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  if piece == 'prefill':
+    return sampler.prefill, _abstract((params, plan), sharding)
+  if piece == 'shot':
+    return sampler.shot, _abstract((params, plan, key), sharding)
+  global_cache = jax.eval_shape(sampler.prefill, params, plan)
+  local = jax.eval_shape(lambda: sampler.init_local(1))
+  return sampler.chunk, _abstract((params, plan, global_cache, local, i32(), key), sharding)
+
+
+def compile_piece(config, piece: str, device):
+  """The compiled piece on one device (a real one or a topology's)."""
+  sharding = NamedSharding(Mesh(np.array([device]), ('data',)), P())
+  fn, args = piece_inputs(config, piece, sharding)
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _costs(compiled) -> Dict[str, Optional[float]]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  get = lambda k: float(cost[k]) if k in cost and cost[k] is not None else None
+  return {'flops': get('flops'), 'optimal_seconds': get('optimal_seconds')}
+
+
+def _with_layers(config, layers: int, unroll: int):
+  c = config.copy_and_resolve_references()
+  c.model.num_layers, c.model.scan_unroll = layers, unroll
+  return c
+
+
+def analyse(config, piece: str, topology: str = 'local') -> dict:
+  """The report of the module docstring for one piece on one chip of `topology`."""
+  device = target_devices(topology)[0]
+  compiled = compile_piece(config, piece, device)
+  mem = compiled.memory_analysis()
+  memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
+            for k in ('argument', 'output', 'alias', 'temp', 'generated_code')} if mem else {}
+  out = {'piece': piece, 'topology': topology, 'device': str(getattr(device, 'device_kind', device)),
+         'dtype': config.model.dtype, 'attention': config.model.attention, 'memory': memory}
+  if memory:
+    need = memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
+    out['memory']['total'] = need
+    chip = CHIPS.get(topology.split(':')[0])
+    if chip:
+      out['memory']['hbm'] = chip.hbm_bytes
+      out['fits'] = bool(need <= chip.hbm_bytes)
+  costs = _costs(compiled)
+  out['flops_scan_body_once'] = costs['flops']
+  if piece == 'shot':   # a scan over chunks around the scan over layers: see `shot_totals`
+    out.update(flops=None, optimal_seconds=None,
+               note='scans its chunks: cost = text_kv + prefill + chunks x (chunk + decode)')
+    return out
+  layers = config.model.num_layers
+  if piece in SCANNED and layers > 1:
+    one = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 1), piece, device))
+    two = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 2), piece, device))
+    corrected = {}
+    for k in costs:
+      if None in (costs[k], one[k], two[k]):
+        corrected[k] = None
+      else:   # the scanned program counted one block; it runs L
+        block = two[k] - one[k]
+        corrected[k] = costs[k] + (layers - 1) * block
+        corrected[f'{k}_per_block'] = block
+    costs = corrected
+  if piece in SCANNED:
+    out['analytic_flops'] = piece_flops(config, piece)
+  out.update(costs)
+  frames = _frames_per_call(config, piece)
+  if frames and out.get('optimal_seconds'):
+    out['frames_per_call'] = frames
+    out['implied_fps'] = frames / out['optimal_seconds']
+  return out
+
+
+def dit_flops(m, tokens: int, keys: int, text_len: int, *, head: bool = True,
+              text_kv: bool = False) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one DiT call on `tokens` query tokens attending to
+  `keys` self-attention keys (own included) and `text_len` caption tokens, per layer: q, k, v,
+  o of self-attention, q and o of cross-attention (its K/V come precomputed, `text_kv=True`
+  counts them instead), both attention products, the 2-matmul FFN; plus the patch embedding
+  and the head. Norms, RoPE, softmax and modulation are elementwise and left out."""
+  d, f = m.dim, m.ffn_dim
+  if text_kv:   # WanTextKV: the text embedding MLP, then k and v of every layer
+    return 2.0 * text_len * (m.text_dim * d + d * d) + m.num_layers * 2 * (2.0 * text_len * d * d)
+  per_layer = (2.0 * tokens * d * d * 6            # q k v o, cross q o
+               + 2.0 * 2 * tokens * keys * d       # q k^T, p v
+               + 2.0 * 2 * tokens * text_len * d   # cross: q k^T, p v
+               + 2.0 * 2 * tokens * d * f)         # ffn
+  patch = int(np.prod(m.patch_size))
+  io = 2.0 * tokens * d * patch * (m.in_channels + (m.out_channels if head else 0))
+  return m.num_layers * per_layer + io
+
+
+def piece_flops(config, piece: str) -> float:
+  """`dit_flops` of a piece as generation runs it: text_kv over the caption table; prefill on
+  the context frames; chunk = len(denoising_steps) calls + the cache pass on one chunk, each
+  attending to [global | the whole local capacity | itself] (what the masked path computes);
+  the cache pass and the prefill need no head."""
+  m, s = config.model, config.sampling
+  hw = pipeline_lib.latent_size(config)
+  per_frame = (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
+  text = m.text_len
+  if piece == 'text_kv':
+    return (m.context_frames + 1) * dit_flops(m, 0, 0, text, text_kv=True)
+  ctx = m.context_frames * per_frame
+  if piece == 'prefill':   # K/V only are kept, but every layer's block runs (a scan); no head
+    return dit_flops(m, ctx, ctx, text, head=False)
+  own = m.chunk_frames * per_frame
+  keys = ctx + s.local_frames * per_frame + own
+  return (len(s.denoising_steps) * dit_flops(m, own, keys, text)
+          + dit_flops(m, own, keys, text, head=False))     # the cache pass: K/V only
+
+
+def _frames_per_call(config, piece: str) -> int:
+  """Pixel frames one call produces (0 for pieces that produce none): a chunk past the first
+  of a shot, a whole shot."""
+  t = vae_lib.temporal_factor(config.vae)
+  if piece in ('chunk', 'decode'):
+    return t * config.model.chunk_frames
+  if piece == 'shot':
+    return vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
+  return 0
+
+
+def shot_totals(config, reports: Dict[str, dict]) -> Optional[dict]:
+  """Per streamed shot: FLOPs and optimal_seconds of text_kv + prefill + chunks x (chunk +
+  decode), and the implied frames per second (None where a piece's number is missing)."""
+  need = ('text_kv', 'prefill', 'chunk', 'decode')
+  if any(p not in reports for p in need):
+    return None
+  chunks = config.sampling.shot_latent_frames // config.model.chunk_frames
+  frames = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
+  out = {'chunks': chunks, 'frames': frames}
+  for k in ('flops', 'optimal_seconds'):
+    values = [reports[p].get(k) for p in need]
+    out[k] = (None if None in values else
+              values[0] + values[1] + chunks * (values[2] + values[3]))
+  out['flops_per_frame'] = out['flops'] / frames if out['flops'] else None
+  out['implied_fps'] = frames / out['optimal_seconds'] if out['optimal_seconds'] else None
+  return out

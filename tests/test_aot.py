@@ -1,0 +1,70 @@
+"""Ahead-of-time analysis (shotstream_jax/aot.py, launch/aot.py): the layer-scan correction
+against a fully unrolled compile, shot totals, a TPU target where libtpu is installed, and
+bad flags as one line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import shotstream
+from shotstream_jax import aot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(layers=4):
+  c = shotstream.get_config('tiny')
+  c.model.num_layers = layers
+  return c
+
+
+def test_scan_correction_counts_every_block():
+  """XLA counts a scanned body once; corrected, the compiler's count of every DiT piece is
+  the independent matmul count (aot.dit_flops) plus elementwise work: 0-8% above it, where
+  the uncorrected count is below half of it."""
+  config = _tiny(4)
+  reports = {p: aot.analyse(config, p) for p in ('text_kv', 'prefill', 'chunk', 'decode')}
+  for piece in ('text_kv', 'prefill', 'chunk'):
+    r = reports[piece]
+    assert 1.0 <= r['flops'] / r['analytic_flops'] <= 1.08, (piece, r)
+    assert r['flops_scan_body_once'] < 0.5 * r['analytic_flops'], (piece, r)
+    assert r['memory']['total'] > 0 and 'fits' not in r     # no HBM figure for a CPU
+  assert reports['decode']['flops'] == reports['decode']['flops_scan_body_once'] > 0
+  totals = aot.shot_totals(config, reports)
+  chunks = config.sampling.shot_latent_frames // config.model.chunk_frames
+  expect = sum(reports[p]['flops'] for p in ('text_kv', 'prefill')) + chunks * (
+      reports['chunk']['flops'] + reports['decode']['flops'])
+  assert totals['flops'] == pytest.approx(expect) and totals['implied_fps'] is None  # CPU: no
+  shot = aot.analyse(config, 'shot')                                             # cost model
+  assert shot['flops'] is None and shot['memory']['total'] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='needs the libtpu wheel (a TPU compiler; README: Speed)')
+def test_compiles_for_a_tpu_topology_without_a_tpu():
+  r = aot.analyse(_tiny(2), 'chunk', 'v5p:2x2x1')
+  assert r['device'].startswith('TPU') and r['fits'] is True
+  assert r['optimal_seconds'] > 0 and r['optimal_seconds_per_block'] > 0
+  assert r['implied_fps'] == pytest.approx(r['frames_per_call'] / r['optimal_seconds'])
+
+
+def test_cli_prints_json_and_rejects_bad_flags():
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  run = lambda *flags: subprocess.run(
+      [sys.executable, 'launch/aot.py', '--config=configs/shotstream.py:tiny',
+       '--compilation_cache=', *flags], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600)
+  ok = run('--pieces=decode')
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  (line,) = [l for l in ok.stdout.splitlines() if l.startswith('{')]
+  assert json.loads(line)['piece'] == 'decode'
+  for flag, message in (('--topology=v9x:2x2', '--topology: expected local or <chip>:<shape>'),
+                        ('--pieces=chunk,warp', "--pieces: unknown ['warp']")):
+    bad = run(flag)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: {message}')
