@@ -21,7 +21,10 @@ reports per call of the piece, in JSON-able form:
               implied frames per second of the piece.
 
 Pieces: text_kv (caption-table K/V, once per shot), prefill (the global cache, once per shot),
-chunk (4 denoising steps + the cache pass of one chunk), shot (prefill + the scan over a shot's
+chunk (4 denoising steps + the cache pass of one chunk; its attention to the local cache runs
+only over the filled part, a `lax.switch` over fills, and the compiler's count of a switch is
+its costliest branch, so the chunk is also compiled at the fills of a shot's first and last
+chunk with the fill a constant: `by_fill`, `shot_mean_flops`), shot (prefill + the scan over a shot's
 chunks; memory only, as its chunk scan is also counted once), decode (the VAE's streaming
 decode of one chunk). `shot_totals` combines them into a streamed shot's cost and frame rate:
 frames per shot / (text_kv + prefill + chunks x (chunk + decode)).
@@ -36,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax.models import cache as cache_lib
 from shotstream_jax.models import dit
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
@@ -80,8 +84,12 @@ def _abstract(tree, sharding):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def piece_inputs(config, piece: str, sharding):
-  """(function, abstract arguments) of one generation piece at `config`'s sizes, batch 1."""
+def piece_inputs(config, piece: str, sharding, fill: Optional[int] = None):
+  """(function, abstract arguments) of one generation piece at `config`'s sizes, batch 1.
+
+  fill (chunk only): the local cache holds that many chunks, as a constant, so the compiler
+  folds the attention's `lax.switch` to the branch that runs (its cost analysis of the switch
+  itself is the costliest branch's)."""
   if piece not in PIECES:
     raise ValueError(f'--piece: unknown {piece!r}; accepted: {", ".join(PIECES)}')
   m = config.model
@@ -112,13 +120,20 @@ def piece_inputs(config, piece: str, sharding):
     return sampler.shot, _abstract((params, plan, key), sharding)
   global_cache = jax.eval_shape(sampler.prefill, params, plan)
   local = jax.eval_shape(lambda: sampler.init_local(1))
-  return sampler.chunk, _abstract((params, plan, global_cache, local, i32(), key), sharding)
+  if fill is None:
+    return sampler.chunk, _abstract((params, plan, global_cache, local, i32(), key), sharding)
+  block = m.chunk_frames * sampler.tokens_per_frame
+
+  def chunk_at(p, pl, g, local_kv, k):
+    local_cache = cache_lib.KVCache(*local_kv, jnp.int32(fill * block))
+    return sampler.chunk(p, pl, g, local_cache, jnp.int32(fill), k)
+  return chunk_at, _abstract((params, plan, global_cache, (local.k, local.v), key), sharding)
 
 
-def compile_piece(config, piece: str, device):
+def compile_piece(config, piece: str, device, fill: Optional[int] = None):
   """The compiled piece on one device (a real one or a topology's)."""
   sharding = NamedSharding(Mesh(np.array([device]), ('data',)), P())
-  fn, args = piece_inputs(config, piece, sharding)
+  fn, args = piece_inputs(config, piece, sharding, fill)
   return jax.jit(fn).lower(*args).compile()
 
 
@@ -157,26 +172,66 @@ def analyse(config, piece: str, topology: str = 'local') -> dict:
     out.update(flops=None, optimal_seconds=None,
                note='scans its chunks: cost = text_kv + prefill + chunks x (chunk + decode)')
     return out
-  layers = config.model.num_layers
-  if piece in SCANNED and layers > 1:
-    one = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 1), piece, device))
-    two = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 2), piece, device))
-    corrected = {}
-    for k in costs:
-      if None in (costs[k], one[k], two[k]):
-        corrected[k] = None
-      else:   # the scanned program counted one block; it runs L
-        block = two[k] - one[k]
-        corrected[k] = costs[k] + (layers - 1) * block
-        corrected[f'{k}_per_block'] = block
-    costs = corrected
   if piece in SCANNED:
+    costs = _corrected(config, piece, device, costs)
     out['analytic_flops'] = piece_flops(config, piece)
+  if piece == 'chunk':
+    out.update(_by_fill(config, device))
   out.update(costs)
   frames = _frames_per_call(config, piece)
-  if frames and out.get('optimal_seconds'):
+  seconds = out.get('shot_mean_optimal_seconds', out.get('optimal_seconds'))
+  if frames and seconds:
     out['frames_per_call'] = frames
-    out['implied_fps'] = frames / out['optimal_seconds']
+    out['implied_fps'] = frames / seconds
+  return out
+
+
+def _corrected(config, piece, device, costs, fill=None):
+  """`costs` of a compile at config's L layers with the layer scan's body counted L times."""
+  layers = config.model.num_layers
+  if layers == 1:
+    return dict(costs)
+  one = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 1), piece, device, fill))
+  two = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 2), piece, device, fill))
+  out = {}
+  for k in costs:
+    if None in (costs[k], one[k], two[k]):
+      out[k] = None
+    else:   # the scanned program counted one block; it runs L
+      block = two[k] - one[k]
+      out[k] = costs[k] + (layers - 1) * block
+      out[f'{k}_per_block'] = block
+  return out
+
+
+def shot_fills(config) -> List[int]:
+  """Local-cache chunks filled when each chunk of a shot runs (0, 1, ..., capped)."""
+  m, s = config.model, config.sampling
+  return [min(i, s.local_frames // m.chunk_frames)
+          for i in range(s.shot_latent_frames // m.chunk_frames)]
+
+
+def _by_fill(config, device) -> dict:
+  """The chunk's corrected cost at the emptiest and fullest local cache of a shot; the cost
+  is linear in the fill (attention over fill x block more keys; tests check every fill), so
+  their interpolation gives the mean over a shot's chunks, beside the analytic count and the
+  full-capacity (masked) count."""
+  fills = shot_fills(config)
+  ends = sorted({fills[0], fills[-1]})
+  at = {f: _corrected(config, 'chunk', device,
+                      _costs(compile_piece(config, 'chunk', device, f)), f) for f in ends}
+  out = {'fills': fills, 'by_fill': {str(f): {k: at[f][k] for k in ('flops', 'optimal_seconds')}
+                                     for f in ends}}
+  lo, hi = ends[0], ends[-1]
+  for k in ('flops', 'optimal_seconds'):
+    if any(at[f][k] is None for f in ends):
+      out[f'shot_mean_{k}'] = None
+      continue
+    slope = (at[hi][k] - at[lo][k]) / (hi - lo) if hi > lo else 0.0
+    out[f'shot_mean_{k}'] = float(np.mean([at[lo][k] + slope * (f - lo) for f in fills]))
+  out['analytic_shot_mean_flops'] = float(np.mean([piece_flops(config, 'chunk', f)
+                                                   for f in fills]))
+  out['analytic_full_capacity_flops'] = piece_flops(config, 'chunk')
   return out
 
 
@@ -199,11 +254,12 @@ def dit_flops(m, tokens: int, keys: int, text_len: int, *, head: bool = True,
   return m.num_layers * per_layer + io
 
 
-def piece_flops(config, piece: str) -> float:
+def piece_flops(config, piece: str, fill: Optional[int] = None) -> float:
   """`dit_flops` of a piece as generation runs it: text_kv over the caption table; prefill on
   the context frames; chunk = len(denoising_steps) calls + the cache pass on one chunk, each
-  attending to [global | the whole local capacity | itself] (what the masked path computes);
-  the cache pass and the prefill need no head."""
+  attending to [global | the whole local capacity | itself] (what a masked path computes),
+  or with `fill` to [global | fill filled chunks | itself] (what runs); the cache pass and the
+  prefill need no head."""
   m, s = config.model, config.sampling
   hw = pipeline_lib.latent_size(config)
   per_frame = (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
@@ -214,7 +270,8 @@ def piece_flops(config, piece: str) -> float:
   if piece == 'prefill':   # K/V only are kept, but every layer's block runs (a scan); no head
     return dit_flops(m, ctx, ctx, text, head=False)
   own = m.chunk_frames * per_frame
-  keys = ctx + s.local_frames * per_frame + own
+  local = s.local_frames if fill is None else fill * m.chunk_frames
+  keys = ctx + local * per_frame + own
   return (len(s.denoising_steps) * dit_flops(m, own, keys, text)
           + dit_flops(m, own, keys, text, head=False))     # the cache pass: K/V only
 
@@ -239,8 +296,8 @@ def shot_totals(config, reports: Dict[str, dict]) -> Optional[dict]:
   chunks = config.sampling.shot_latent_frames // config.model.chunk_frames
   frames = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
   out = {'chunks': chunks, 'frames': frames}
-  for k in ('flops', 'optimal_seconds'):
-    values = [reports[p].get(k) for p in need]
+  for k in ('flops', 'optimal_seconds'):   # the chunk at a shot's mean fill
+    values = [reports[p].get(f'shot_mean_{k}', reports[p].get(k)) for p in need]
     out[k] = (None if None in values else
               values[0] + values[1] + chunks * (values[2] + values[3]))
   out['flops_per_frame'] = out['flops'] / frames if out['flops'] else None

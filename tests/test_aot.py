@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import shotstream
@@ -33,14 +35,34 @@ def test_scan_correction_counts_every_block():
     assert 1.0 <= r['flops'] / r['analytic_flops'] <= 1.08, (piece, r)
     assert r['flops_scan_body_once'] < 0.5 * r['analytic_flops'], (piece, r)
     assert r['memory']['total'] > 0 and 'fits' not in r     # no HBM figure for a CPU
+  chunk = reports['chunk']
+  assert 1.0 <= chunk['shot_mean_flops'] / chunk['analytic_shot_mean_flops'] <= 1.08, chunk
+  assert chunk['analytic_shot_mean_flops'] < chunk['analytic_full_capacity_flops']
   assert reports['decode']['flops'] == reports['decode']['flops_scan_body_once'] > 0
   totals = aot.shot_totals(config, reports)
   chunks = config.sampling.shot_latent_frames // config.model.chunk_frames
   expect = sum(reports[p]['flops'] for p in ('text_kv', 'prefill')) + chunks * (
-      reports['chunk']['flops'] + reports['decode']['flops'])
+      chunk['shot_mean_flops'] + reports['decode']['flops'])
   assert totals['flops'] == pytest.approx(expect) and totals['implied_fps'] is None  # CPU: no
   shot = aot.analyse(config, 'shot')                                             # cost model
   assert shot['flops'] is None and shot['memory']['total'] > 0
+
+
+def test_chunk_cost_grows_with_the_filled_local_cache_only():
+  """Compiled at every fill of a 4-chunk shot, the chunk's count rises by the same step per
+  filled chunk (linear: what `shot_mean_flops` interpolates), by the analytic attention cost
+  of one chunk's keys (plus its softmax), and the fullest equals the traced program's (the switch's max branch)."""
+  config = _tiny(2)
+  config.sampling.shot_latent_frames = config.sampling.local_frames = 12
+  device = jax.local_devices()[0]
+  counts = [aot._costs(aot.compile_piece(config, 'chunk', device, f))['flops'] for f in range(4)]
+  steps = np.diff(counts)
+  np.testing.assert_allclose(steps, steps[0], rtol=1e-6)
+  analytic = [aot.piece_flops(config, 'chunk', f) for f in range(4)]
+  # the compiled counts have the scanned block once: one step is one layer's attention
+  np.testing.assert_allclose(np.diff(analytic), steps[0] * config.model.num_layers, rtol=0.06)
+  traced = aot._costs(aot.compile_piece(config, 'chunk', device))['flops']
+  assert traced == pytest.approx(counts[-1] + steps[0], rel=1e-3)   # capacity 4 chunks: fill 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,

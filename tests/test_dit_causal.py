@@ -173,3 +173,29 @@ def test_precomputed_text_kv_and_segmented_prefix(setup):
                 prefix_kv=[(k[:, :, :5], v[:, :, :5], ones[:, :5]),
                            (k[:, :, 5:], v[:, :, 5:], ones[:, 5:])], **kw)
   np.testing.assert_allclose(split, whole, atol=ATOL)
+
+
+def test_filled_prefix_attends_only_the_filled_blocks():
+  """attention.Filled (the local cache: exact cost, a lax.switch over block counts, length
+  traced under jit) equals the masked formulation over the whole capacity at every fill, with
+  a full segment in front (mask None) and an own-key mask."""
+  rng = np.random.default_rng(0)
+  b, t, h, d, block, cap, glob = 2, 4, 2, 8, 4, 12, 6
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+  gk, gv = (jnp.asarray(rng.standard_normal((b, glob, h, d)), jnp.float32) for _ in range(2))
+  lk, lv = (jnp.asarray(rng.standard_normal((b, cap, h, d)), jnp.float32) for _ in range(2))
+  own = jnp.asarray(np.tril(np.ones((t, t), bool)))[None, None]
+
+  @jax.jit
+  def exact(length):
+    return attention.prefix_attention(q, k, v, own, [(gk, gv), (lk, lv)],
+                                      (None, attention.Filled(length, block)))
+
+  for length in (0, block, 2 * block, cap):
+    valid = jnp.broadcast_to(jnp.arange(cap) < length, (b, cap))
+    masked = attention.prefix_attention(q, k, v, own, [(gk, gv), (lk, lv)],
+                                        (jnp.ones((b, glob), bool), valid))
+    np.testing.assert_allclose(exact(jnp.int32(length)), masked, atol=1e-6, err_msg=str(length))
+  with pytest.raises(ValueError, match='at most one segment may be Filled'):
+    attention.prefix_attention(q, k, v, None, [(lk, lv), (lk, lv)],
+                               (attention.Filled(0, block),) * 2)

@@ -11,6 +11,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from shotstream_jax.models import attention
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -27,8 +29,12 @@ class KVCache:
     b, s = self.k.shape[1:3]
     return jnp.broadcast_to(jnp.arange(s) < self.length, (b, s))
 
-  def segment(self):
-    """The (k, v, valid) triple that `WanDiT(prefix_kv=...)` attends to."""
+  def segment(self, block: int = 0):
+    """The (k, v, valid) triple that `WanDiT(prefix_kv=...)` attends to. block > 0: the
+    cache fills in whole blocks of that many tokens from the front (the local cache, chunk by
+    chunk), so attention may skip its empty part (`attention.Filled`); else a mask."""
+    if block:
+      return self.k, self.v, attention.Filled(self.length, block)
     return self.k, self.v, self.valid()
 
 

@@ -117,12 +117,11 @@ class SelfAttention(nn.Module):
     v = v.reshape(b, t, heads, hd).astype(dt)
     new_kv = (k, v)
     if prefix_kv:
-      own = jnp.ones((b, 1, t, t), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, t, t))
-      pre = jnp.broadcast_to(prefix_valid[:, None, None, :], (b, 1, t, prefix_valid.shape[-1]))
-      mask = jnp.concatenate([pre, own], axis=-1)
-      k = jnp.concatenate([pk.astype(dt) for pk, _ in prefix_kv] + [k], axis=1)
-      v = jnp.concatenate([pv.astype(dt) for _, pv in prefix_kv] + [v], axis=1)
-    out = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
+      out = attn_lib.prefix_attention(
+          q, k, v, mask, [(pk.astype(dt), pv.astype(dt)) for pk, pv in prefix_kv],
+          prefix_valid, cfg.attention)
+    else:
+      out = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
     out = Dense(cfg.dim, ('heads', 'embed'), dt, name='o')(out.reshape(b, t, cfg.dim))
     return out, new_kv
 
@@ -264,8 +263,10 @@ class WanDiT(nn.Module):
         for batch element b).
       attention: 'bidirectional' (teacher, critic) or 'block_causal' (student training).
       chunk_frames, context_frames: the block-causal layout (default: from the config).
-      prefix_kv: optional (k [L, B, P, H, Dh], v, valid [B, P]) or a sequence of such segments
-        attended in front of the sequence's own keys (the streaming caches).
+      prefix_kv: optional (k [L, B, P, H, Dh], v, valid) or a sequence of such segments
+        attended in front of the sequence's own keys (the streaming caches); valid is a bool
+        mask [B, P], None (all slots hold keys) or `attention.Filled` (the first `length`
+        slots, attended at the cost of the filled part only).
       return_kv: also return the stacked per-layer post-RoPE (k, v) of this call's tokens.
       text_kv: optional precomputed cross-attention (k, v) [L, N, L_text, H, Dh] from
         `WanTextKV` (replaces `context`).
@@ -320,8 +321,7 @@ class WanDiT(nn.Module):
           cfg.context_frames if context_frames is None else context_frames)
 
     segments = _prefix_segments(prefix_kv)
-    prefix_valid = (jnp.concatenate([valid for _, _, valid in segments], axis=-1)
-                    if segments else None)
+    prefix_valid = tuple(valid for _, _, valid in segments)
     prefix_kv = tuple((k, v) for k, v, _ in segments)
     shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption,
                   prefix_valid=prefix_valid)

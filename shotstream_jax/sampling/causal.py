@@ -77,7 +77,9 @@ class CausalSampler:
         frame_pos=self.model_cfg.context_frames + index * n + jnp.arange(n),
         frame_shot=jnp.broadcast_to(plan.gen_shot[:, None], (b, n)),
         frame_caption=jnp.broadcast_to(plan.gen_caption[:, None], (b, n)),
-        prefix_kv=[global_cache.segment(), local_cache.segment()], return_kv=return_kv)
+        prefix_kv=[(global_cache.k, global_cache.v, None),   # always full
+                   local_cache.segment(block=self.chunk_frames * self.tokens_per_frame)],
+        return_kv=return_kv)
 
   def write_local(self, local_cache, kv, index):
     """Write chunk `index`'s K/V; a local window shorter than the shot is a ring buffer
