@@ -193,6 +193,10 @@ def sampling_config(preset: str) -> ml_collections.ConfigDict:
     s.height, s.width = 64, 96    # latent 8x12 -> 24 tokens per latent frame
     s.shot_latent_frames = 6      # 21 pixel frames per shot = 2 chunks of 3
   s.local_frames = s.shot_latent_frames  # local cache capacity (latent frames)
+  # How a chunk attends to the local cache: 'filled' only its filled chunks (cost grows with
+  # the fill; a lax.switch over fills); 'masked' the whole capacity under a validity mask (the
+  # same numbers at the full-capacity cost; kept to measure the difference).
+  s.local_attention = 'filled'
   s.context = 'history'         # global context: 'history' (reference) | 'none' (ablation)
   s.fps = 16
   return s

@@ -252,3 +252,28 @@ def test_memory_is_bounded_over_40_shots(pipe):
   assert len(s._candidates) <= sum(range(1, pipe.budget + 1)) * pipe.budget
   with pytest.raises(ValueError, match='keeps no history'):
     s.video()
+
+
+def test_filled_local_attention_equals_masked():
+  """sampling.local_attention 'filled' (attend to the filled chunks only) and 'masked' (the
+  whole capacity under a mask) give the same shot: 3 chunks, so fills 0, 1 and 2 all run."""
+  cfg = shotstream.get_config('tiny')
+  cfg.sampling.shot_latent_frames = cfg.sampling.local_frames = 9
+  params = model_fixtures.random_dit(cfg.model)
+  m, rng = cfg.model, np.random.default_rng(0)
+  choice = context.choose_context([9], m.context_frames)
+  rows = jnp.asarray(rng.standard_normal((m.context_frames + 1, 9, m.text_dim)), jnp.float32)
+  plan = causal.ShotPlan(
+      jnp.asarray(rng.standard_normal((1, m.context_frames, 4, 6, 16)), jnp.float32),
+      jnp.asarray([choice.ctx_shot]), jnp.asarray([choice.ctx_caption]),
+      jnp.asarray([choice.gen_shot]), jnp.asarray([choice.gen_caption]),
+      dit.WanTextKV(m).apply({'params': params}, rows))
+  shots = {}
+  for mode in ('filled', 'masked'):
+    cfg.sampling.local_attention = mode
+    sampler = causal.CausalSampler(m, cfg.sampling, (4, 6))
+    shots[mode] = jax.jit(sampler.shot)(params, plan, jax.random.key(1))
+  np.testing.assert_allclose(shots['filled'], shots['masked'], atol=ATOL)
+  cfg.sampling.local_attention = 'sparse'
+  with pytest.raises(ValueError, match='sampling.local_attention: unknown'):
+    causal.CausalSampler(m, cfg.sampling, (4, 6))

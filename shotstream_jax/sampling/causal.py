@@ -19,6 +19,8 @@ from shotstream_jax.models import cache as cache_lib
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
 
+LOCAL_ATTENTION = ('filled', 'masked')
+
 
 @flax.struct.dataclass
 class ShotPlan:
@@ -52,6 +54,9 @@ class CausalSampler:
     self.chunk_frames = model_cfg.chunk_frames
     self.num_chunks = sampling_cfg.shot_latent_frames // self.chunk_frames
     self.local_tokens = sampling_cfg.local_frames * self.tokens_per_frame
+    # sampling.local_attention: 'filled' attends to the filled chunks only (block = a chunk)
+    self.local_block = (self.chunk_frames * self.tokens_per_frame
+                        if sampling_cfg.get('local_attention', 'filled') == 'filled' else 0)
 
   # ------------------------------------------------------------------ pieces
 
@@ -78,7 +83,7 @@ class CausalSampler:
         frame_shot=jnp.broadcast_to(plan.gen_shot[:, None], (b, n)),
         frame_caption=jnp.broadcast_to(plan.gen_caption[:, None], (b, n)),
         prefix_kv=[(global_cache.k, global_cache.v, None),   # always full
-                   local_cache.segment(block=self.chunk_frames * self.tokens_per_frame)],
+                   local_cache.segment(block=self.local_block)],
         return_kv=return_kv)
 
   def write_local(self, local_cache, kv, index):
@@ -144,5 +149,8 @@ def check_layout(model_cfg, sampling_cfg, latent_hw) -> None:
   if latent_hw[0] % ph or latent_hw[1] % pw:
     raise ValueError(f'sampling.height/width: latent size {tuple(latent_hw)} must be a multiple '
                      f'of the patch size {(ph, pw)}')
+  if sampling_cfg.get('local_attention', 'filled') not in LOCAL_ATTENTION:
+    raise ValueError(f'sampling.local_attention: unknown {sampling_cfg.local_attention!r}; '
+                     f'accepted: {", ".join(LOCAL_ATTENTION)}')
   if np.any(np.asarray(sampling_cfg.denoising_steps) <= 0):
     raise ValueError('sampling.denoising_steps: must be positive')
