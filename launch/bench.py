@@ -7,7 +7,8 @@ r"""Benchmark streaming generation of a preset (random weights): prints one JSON
 Reports (DESIGN 6): compile seconds and compile counts; FPS with and without VAE decode over
 an `--shots`-shot story after warm-up; median first-frame latency; median per-chunk latency
 (denoise + cache pass, no decode) by shot index, and shot N / shot 1 (bounded caches keep it
-~1); model FLOPs per output frame from XLA's cost analysis of the jitted chunk and prefill;
+~1), and by chunk index within a shot (the local cache fills); model FLOPs per output frame
+(the analytic matmul count of shotstream_jax/aot.py);
 achieved FLOP/s as a fraction of a large-matmul peak measured in the same run.
 """
 
@@ -17,8 +18,8 @@ import time
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 
+from shotstream_jax import aot
 from shotstream_jax import cli
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.models import dit
@@ -43,12 +44,6 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
-def _flops(fn, *args) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
-
-
 def bench(config, shots: int, matmul_n: int = 0) -> dict:
   if shots < 2:
     raise ValueError(f'--shots: need >= 2 to compare shots, got {shots}')
@@ -65,16 +60,18 @@ def bench(config, shots: int, matmul_n: int = 0) -> dict:
   frames = sum(st.frames for st in stats)
   decode_s = sum(st.decode_s for st in stats)
   per_chunk = [statistics.median(st.chunk_s) for st in stats]
+  # chunk i of every shot after the first (the first shot's are in the warm-up's shadow)
+  by_index = [statistics.median(st.chunk_s[i] for st in stats[1:])
+              for i in range(len(stats[0].chunk_s))]
 
-  # FLOPs of one shot's DiT work (prefill + every chunk), from XLA's cost analysis.
-  plan = session._plan('flop count')  # pylint: disable=protected-access
+  # DiT FLOPs of one shot (caption K/V, prefill, every chunk at its fill): the analytic matmul
+  # count of aot.py, which XLA's count (the layer scan corrected, tests/test_aot.py) exceeds
+  # by 0-8% of elementwise work. XLA's own count of this jitted chunk would count the 30
+  # scanned blocks once and the local-cache switch at its costliest branch.
   sampler = pipe.sampler
-  g = sampler.prefill(pipe.dit_params, plan)
-  local = sampler.init_local(1)
-  key = jax.random.key(0)
-  chunk_flops = _flops(sampler.chunk, pipe.dit_params, plan, g, local, jnp.int32(0), key)
-  prefill_flops = _flops(sampler.prefill, pipe.dit_params, plan)
-  shot_flops = prefill_flops + sampler.num_chunks * chunk_flops
+  shot_flops = (aot.piece_flops(config, 'text_kv') + aot.piece_flops(config, 'prefill')
+                + sum(aot.piece_flops(config, 'chunk', None if sampler.local_block == 0 else f)
+                      for f in aot.shot_fills(config)))
   flops_per_frame = shot_flops / pipe.frames_per_shot
 
   platform = jax.devices()[0].platform
@@ -90,7 +87,9 @@ def bench(config, shots: int, matmul_n: int = 0) -> dict:
       compile_s=round(compile_s, 2), compile_counts=dict(pipe.compile_counts),
       fps=round(frames / wall, 3), fps_without_decode=round(frames / (wall - decode_s), 3),
       first_frame_latency_s=round(statistics.median(st.first_frame_s for st in stats), 4),
+      local_attention=config.sampling.local_attention,
       chunk_latency_s_by_shot=[round(x, 5) for x in per_chunk],
+      chunk_latency_s_by_index=[round(x, 5) for x in by_index],
       chunk_latency_last_over_first=round(per_chunk[-1] / per_chunk[0], 3),
       dit_gflops_per_frame=round(flops_per_frame / 1e9, 3),
       matmul_peak_tflops=round(peak / 1e12, 4), matmul_n=n,
