@@ -58,14 +58,13 @@ def pipe():
 
 def test_batch_equals_the_session_path_and_compiles_once(pipe):
   stories = [{'global_caption': 'A fox story. ', 'shot1': 'a red fox in snow',
-              'shot2': 'the fox jumps', 'shot3': 'close-up of its eyes'},
-             ['one', 'two', 'three']]
+              'shot2': 'the fox jumps'}, ['one', 'two']]
   videos = pipe.generate_batch(stories, [3, 5])
-  assert videos.shape == (2, 3 * pipe.frames_per_shot, 64, 96, 3) and videos.dtype == np.uint8
+  assert videos.shape == (2, 2 * pipe.frames_per_shot, 64, 96, 3) and videos.dtype == np.uint8
   for story, seed, video in zip(stories, [3, 5], videos):
     _assert_same_video(video, pipe.generate(story, seed, streaming=False))
   assert not np.array_equal(videos[0], videos[1])
-  again = pipe.generate_batch([['four', 'five', 'six'], stories[0]], [7, 3])
+  again = pipe.generate_batch([['four', 'five'], stories[0]], [7, 3])
   _assert_same_video(again[1], videos[0])          # a story's video ignores its batch-mates
   (gen,) = pipe._story_generators.values()
   assert gen.compile_count == 1                    # new prompts and seeds: no new trace
