@@ -83,3 +83,11 @@ def no_context(shot: int, budget: int) -> ContextChoice:
   """The 'global cache off' ablation: shot `shot` conditioned as a first shot (zero context
   latents with id 0, generated frames id 1) but on its own caption."""
   return ContextChoice((), (0,) * budget, (0,) * budget, 1, 0, (shot,) * (budget + 1))
+
+
+def shot_context(mode: str, shot_lengths: Sequence[int], budget: int) -> ContextChoice:
+  """The context of shot `len(shot_lengths)` under `sampling.context`: 'history' (the
+  reference rule, `choose_context`) or 'none' (the global cache off, `no_context`)."""
+  if mode == 'history':
+    return choose_context(shot_lengths, budget)
+  return no_context(len(shot_lengths), budget)

@@ -335,10 +335,8 @@ class StorySession:
     del self.captions[len(self.shot_lengths):]
     if not isinstance(caption, str) or not caption.strip():
       raise ValueError(f'prompt: shot {len(self.captions) + 1} has an empty prompt')
-    if pipe.config.sampling.context == 'history':
-      choice = context_lib.choose_context(self.shot_lengths, pipe.budget)
-    else:
-      choice = context_lib.no_context(len(self.shot_lengths), pipe.budget)
+    choice = context_lib.shot_context(pipe.config.sampling.context, self.shot_lengths,
+                                      pipe.budget)
     self.captions.append(caption)
     rows = pipe.prompt_encoder([self._prompt(j) for j in choice.caption_shots])
     text_kv = pipe._text_kv(pipe.dit_params, rows)

@@ -70,8 +70,7 @@ def story_tables(num_shots: int, frames_per_shot: int, budget: int,
   if num_shots < 1:
     raise ValueError(f'story: need >= 1 shot, got {num_shots}')
   lengths = [frames_per_shot] * num_shots
-  choices = [context_lib.choose_context(lengths[:s], budget) if context == 'history'
-             else context_lib.no_context(s, budget) for s in range(num_shots)]
+  choices = [context_lib.shot_context(context, lengths[:s], budget) for s in range(num_shots)]
   candidates = sorted({i for c in choices for i in c.frame_indices})
   slot = {frame: row for row, frame in enumerate(candidates)}
   trash = len(candidates)
