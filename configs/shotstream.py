@@ -89,7 +89,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   # Numerics and kernels. Params are always kept in `param_dtype` (fp32 master weights).
   m.dtype = 'float32'         # compute dtype: 'float32' | 'bfloat16'
   m.param_dtype = 'float32'
-  m.attention = 'xla'         # 'xla' | 'cudnn' (GPU only)
+  m.attention = 'xla'         # 'xla' | 'cudnn' (GPU) | 'splash' (TPU): models/attention.py
   m.remat = False             # nn.remat per block (training)
   # Blocks per iteration of the layer scan. 1 everywhere; launch/aot.py sets 2 on a 2-layer
   # copy to measure one block's cost (XLA's cost analysis counts a scanned body once).

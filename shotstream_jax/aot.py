@@ -19,6 +19,9 @@ reports per call of the piece, in JSON-able form:
               number; `analytic_flops` the matmul count of `dit_flops`.
   seconds     the compiler's `optimal_seconds` (TPU only), corrected the same way, and the
               implied frames per second of the piece.
+  kernels     with `model.attention=splash` the attention runs in Pallas kernels, custom
+              calls the cost model does not price: flops and seconds are then the rest of the
+              program, and `analytic_attention_flops` the kernels' work (KERNEL_NOTE).
 
 Pieces: text_kv (caption-table K/V, once per shot), prefill (the global cache, once per shot),
 chunk (4 denoising steps + the cache pass of one chunk; its attention to the local cache runs
@@ -31,6 +34,7 @@ frames per shot / (text_kv + prefill + chunks x (chunk + decode)).
 """
 
 import dataclasses
+import functools
 from typing import Dict, List, Optional
 
 import jax
@@ -59,6 +63,9 @@ CHIPS = {
 }
 PIECES = ('text_kv', 'prefill', 'chunk', 'shot', 'decode')
 SCANNED = ('text_kv', 'prefill', 'chunk')   # the DiT's layer scan, corrected per block
+KERNEL_NOTE = ('the attention runs in Pallas kernels (model.attention=splash), custom calls '
+               "outside the compiler's cost model: flops and optimal_seconds count the rest; "
+               'analytic_attention_flops is the kernels\' work (a chunk: the mean over a shot)')
 PROBE_LAYERS = 4   # layers of the copies that measure one block (two scan iterations or more)
 
 
@@ -178,6 +185,12 @@ def analyse(config, piece: str, topology: str = 'local') -> dict:
   if piece == 'chunk':
     out.update(_by_fill(config, device))
   out.update(costs)
+  if piece in SCANNED and config.model.attention.startswith('splash'):
+    out['note'] = KERNEL_NOTE
+    out['analytic_attention_flops'] = (
+        float(np.mean([piece_flops(config, piece, f, attention_only=True)
+                       for f in shot_fills(config)])) if piece == 'chunk' else
+        piece_flops(config, piece, attention_only=True))
   frames = _frames_per_call(config, piece)
   seconds = out.get('shot_mean_optimal_seconds', out.get('optimal_seconds'))
   if frames and seconds:
@@ -236,44 +249,50 @@ def _by_fill(config, device) -> dict:
 
 
 def dit_flops(m, tokens: int, keys: int, text_len: int, *, head: bool = True,
-              text_kv: bool = False) -> float:
+              text_kv: bool = False, attention_only: bool = False) -> float:
   """Matmul FLOPs (2 per multiply-add) of one DiT call on `tokens` query tokens attending to
   `keys` self-attention keys (own included) and `text_len` caption tokens, per layer: q, k, v,
   o of self-attention, q and o of cross-attention (its K/V come precomputed, `text_kv=True`
   counts them instead), both attention products, the 2-matmul FFN; plus the patch embedding
-  and the head. Norms, RoPE, softmax and modulation are elementwise and left out."""
+  and the head. Norms, RoPE, softmax and modulation are elementwise and left out.
+  `attention_only`: the two attention products of both attentions only (what a fused
+  attention kernel computes)."""
   d, f = m.dim, m.ffn_dim
+  products = 2.0 * 2 * tokens * keys * d + 2.0 * 2 * tokens * text_len * d
+  if attention_only:
+    return 0.0 if text_kv else m.num_layers * products
   if text_kv:   # WanTextKV: the text embedding MLP, then k and v of every layer
     return 2.0 * text_len * (m.text_dim * d + d * d) + m.num_layers * 2 * (2.0 * text_len * d * d)
   per_layer = (2.0 * tokens * d * d * 6            # q k v o, cross q o
-               + 2.0 * 2 * tokens * keys * d       # q k^T, p v
-               + 2.0 * 2 * tokens * text_len * d   # cross: q k^T, p v
+               + products                          # q k^T, p v of self- and cross-attention
                + 2.0 * 2 * tokens * d * f)         # ffn
   patch = int(np.prod(m.patch_size))
   io = 2.0 * tokens * d * patch * (m.in_channels + (m.out_channels if head else 0))
   return m.num_layers * per_layer + io
 
 
-def piece_flops(config, piece: str, fill: Optional[int] = None) -> float:
+def piece_flops(config, piece: str, fill: Optional[int] = None,
+                attention_only: bool = False) -> float:
   """`dit_flops` of a piece as generation runs it: text_kv over the caption table; prefill on
   the context frames; chunk = len(denoising_steps) calls + the cache pass on one chunk, each
   attending to [global | the whole local capacity | itself] (what a masked path computes),
   or with `fill` to [global | fill filled chunks | itself] (what runs); the cache pass and the
-  prefill need no head."""
+  prefill need no head. `attention_only`: the attention products only (dit_flops)."""
   m, s = config.model, config.sampling
+  flops = functools.partial(dit_flops, attention_only=attention_only)
   hw = pipeline_lib.latent_size(config)
   per_frame = (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
   text = m.text_len
   if piece == 'text_kv':
-    return (m.context_frames + 1) * dit_flops(m, 0, 0, text, text_kv=True)
+    return (m.context_frames + 1) * flops(m, 0, 0, text, text_kv=True)
   ctx = m.context_frames * per_frame
   if piece == 'prefill':   # K/V only are kept, but every layer's block runs (a scan); no head
-    return dit_flops(m, ctx, ctx, text, head=False)
+    return flops(m, ctx, ctx, text, head=False)
   own = m.chunk_frames * per_frame
   local = s.local_frames if fill is None else fill * m.chunk_frames
   keys = ctx + local * per_frame + own
-  return (len(s.denoising_steps) * dit_flops(m, own, keys, text)
-          + dit_flops(m, own, keys, text, head=False))     # the cache pass: K/V only
+  return (len(s.denoising_steps) * flops(m, own, keys, text)
+          + flops(m, own, keys, text, head=False))     # the cache pass: K/V only
 
 
 def _frames_per_call(config, piece: str) -> int:

@@ -71,7 +71,33 @@ def test_compiles_for_a_tpu_topology_without_a_tpu():
   r = aot.analyse(_tiny(2), 'chunk', 'v5p:2x2x1')
   assert r['device'].startswith('TPU') and r['fits'] is True
   assert r['optimal_seconds'] > 0 and r['optimal_seconds_per_block'] > 0
-  assert r['implied_fps'] == pytest.approx(r['frames_per_call'] / r['optimal_seconds'])
+  # a chunk's rate is at a shot's mean fill (the compiled switch alone is its fullest branch)
+  assert r['implied_fps'] == pytest.approx(r['frames_per_call'] / r['shot_mean_optimal_seconds'])
+  assert r['shot_mean_optimal_seconds'] <= r['optimal_seconds']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='needs the libtpu wheel (a TPU compiler; README: Speed)')
+def test_splash_kernel_compiles_for_a_tpu_target():
+  """model.attention=splash lowers to Mosaic kernels in the TPU program (tests/
+  test_attention_kernels.py checks the same kernel's numbers through the interpreter); the
+  report says the compiler's count leaves them out and gives their analytic work."""
+  config = _tiny(2)
+  config.model.attention = 'splash'
+  device = aot.target_devices('v5p:2x2x1')[0]
+  assert 'tpu_custom_call' in aot.compile_piece(config, 'prefill', device).as_text()
+  r = aot.analyse(config, 'prefill', 'v5p:2x2x1')
+  assert r['note'] == aot.KERNEL_NOTE and r['fits'] is True
+  assert r['analytic_attention_flops'] == aot.piece_flops(config, 'prefill', attention_only=True)
+  assert r['flops'] < r['analytic_flops'] - 0.5 * r['analytic_attention_flops']
+
+
+def test_attention_only_flops_are_the_attention_products():
+  """dit_flops' attention part == the whole minus a call with no keys and no caption."""
+  m = _tiny(2).model
+  whole, bare = aot.dit_flops(m, 12, 40, 7), aot.dit_flops(m, 12, 0, 0)
+  assert aot.dit_flops(m, 12, 40, 7, attention_only=True) == pytest.approx(whole - bare)
+  assert aot.dit_flops(m, 0, 0, 7, text_kv=True, attention_only=True) == 0.0
 
 
 def test_cli_prints_json_and_rejects_bad_flags():

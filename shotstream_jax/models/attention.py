@@ -1,4 +1,14 @@
-"""Attention kernels and the student's block-causal frame mask (DESIGN 3, 4.4)."""
+"""Attention kernels and the student's block-causal frame mask (DESIGN 3, 4.4).
+
+`model.attention` picks the kernel of every attention call:
+  * 'xla': `jax.nn.dot_product_attention`'s XLA path, the reference, runs everywhere;
+  * 'cudnn': the same call with cuDNN's fused kernel (GPU only);
+  * 'splash': the Pallas splash-attention kernel of `jax.experimental.pallas.ops.tpu` (TPU
+    only; shipped with the pinned jax): an online-softmax kernel that never writes the
+    [T, S] score matrix to memory, which XLA's path does on TPU;
+  * 'splash_interpret': the same kernel run by the Pallas interpreter, on any backend: how
+    the splash path is checked against 'xla' on a CPU (slow: tests only).
+"""
 
 import functools
 
@@ -6,20 +16,89 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'splash', 'splash_interpret')
 ATTENTION_MODES = ('bidirectional', 'block_causal')
+# Splash tiles: the query and key axes are padded to a multiple of this (the kernel's default
+# tile, a multiple of the TPU's 128 lanes); padded keys are excluded through segment ids.
+SPLASH_BLOCK = 128
 
 
-def dot_product_attention(q, k, v, mask=None, implementation: str = 'xla'):
-  """Softmax attention, q [B, T, H, D], k/v [B, S, H, D], mask broadcastable to [B, H, T, S].
+def dot_product_attention(q, k, v, mask=None, implementation: str = 'xla', key_valid=None):
+  """Softmax attention, q [B, T, H, D], k/v [B, S, H, D].
 
-  `implementation` is the config's `model.attention`: 'xla' runs everywhere, 'cudnn' needs a GPU.
+  mask: None or a bool array broadcastable to [B, H, T, S]; key_valid: None or bool [B, S],
+  the keys each example may attend to (anded with `mask`). `implementation` is the config's
+  `model.attention` (module docstring). The splash kernels take the mask as a static pattern:
+  a numpy array with batch and head axes of size 1 (the block-causal mask is one); per-example
+  validity goes through `key_valid` (their key segment ids).
   """
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention: unknown implementation {implementation!r}; '
                      f'accepted: {", ".join(ATTENTION_IMPLS)}')
+  if implementation.startswith('splash'):
+    return splash_attention(q, k, v, mask, key_valid,
+                            interpret=implementation == 'splash_interpret')
+  if key_valid is not None:
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    valid = jnp.broadcast_to(key_valid[:, None, None, :], (b, 1, t, s))
+    mask = valid if mask is None else jnp.logical_and(mask, valid)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _round_up(n: int, block: int) -> int:
+  return -(-n // block) * block
+
+
+def _splash_kernel(heads: int, t: int, s: int, mask, interpret: bool):
+  """The splash kernel for padded lengths (t, s) and a static [t, s] pattern (None: full)."""
+  if mask is None:
+    head_mask = splash_mask.FullMask((t, s))
+  else:
+    head_mask = splash_mask.NumpyMask(mask)
+  return splash.make_splash_mha(splash_mask.MultiHeadMask([head_mask] * heads), head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, mask=None, key_valid=None, interpret: bool = False):
+  """`dot_product_attention` through the splash kernel (its arguments, same result).
+
+  Both sequence axes are padded to SPLASH_BLOCK; the kernel sees query segment id 1 everywhere
+  (padded queries attend to real keys, so no row is empty, and are dropped) and key segment
+  id 1 for valid keys, 0 for padding and for keys `key_valid` excludes. q is pre-scaled by
+  1/sqrt(D): the kernel applies no scale.
+  """
+  b, t, heads, d = q.shape
+  s = k.shape[1]
+  tp, sp = _round_up(t, SPLASH_BLOCK), _round_up(s, SPLASH_BLOCK)
+  pattern = None
+  if mask is not None:
+    if isinstance(mask, jax.Array) or np.ndim(mask) < 2 or \
+       any(n != 1 for n in np.shape(mask)[:-2]):
+      raise ValueError('model.attention: the splash kernels take a static numpy mask with batch '
+                       'and head axes of size 1 (per-example validity goes through key_valid); '
+                       f'got {type(mask).__name__} of shape {np.shape(mask)}')
+    pattern = np.zeros((tp, sp), bool)
+    pattern[:t, :s] = np.broadcast_to(np.asarray(mask, bool).reshape(np.shape(mask)[-2:]),
+                                     (t, s))
+    pattern[t:, :s] = True        # padded queries: any real key (their rows are dropped)
+    if not pattern[:t, :s].any(axis=1).all():
+      raise ValueError('mask: a query row with no key to attend to')
+  kernel = _splash_kernel(heads, tp, sp, pattern, interpret)
+
+  def heads_first(x, n):  # [B, L, H, D] -> [B, H, n, D], zero-padded
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  valid = jnp.ones((b, s), bool) if key_valid is None else jnp.broadcast_to(key_valid, (b, s))
+  segments = splash.SegmentIds(
+      q=jnp.ones((b, tp), jnp.int32),
+      kv=jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, sp - s))))
+  scale = jnp.asarray(d ** -0.5, q.dtype)
+  out = jax.vmap(lambda qq, kk, vv, seg: kernel(qq, kk, vv, segment_ids=seg))(
+      heads_first(q * scale, tp), heads_first(k, sp), heads_first(v, sp), segments)
+  return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
 
 @flax.struct.dataclass
@@ -48,16 +127,15 @@ def prefix_attention(q, k, v, mask, prefix_kv, prefix_valid, implementation: str
   def attend(segments, valids):
     keys = jnp.concatenate([pk for pk, _ in segments] + [k], axis=1)
     values = jnp.concatenate([pv for _, pv in segments] + [v], axis=1)
-    if mask is None and all(valid is None for valid in valids):
-      return dot_product_attention(q, keys, values, None, implementation)
-    b, t = q.shape[:2]
-    parts = [jnp.ones((b, 1, t, pk.shape[1]), bool) if valid is None else
-             jnp.broadcast_to(valid[:, None, None, :], (b, 1, t, valid.shape[-1]))
-             for (pk, _), valid in zip(segments, valids)]
-    parts.append(jnp.ones((b, 1, t, t), bool) if mask is None else
-                 jnp.broadcast_to(mask, (b, 1, t, t)))
-    return dot_product_attention(q, keys, values, jnp.concatenate(parts, axis=-1),
-                                 implementation)
+    t = q.shape[1]
+    own = None if mask is None else _own_pattern(mask, [pk.shape[1] for pk, _ in segments], t)
+    if all(valid is None for valid in valids):
+      return dot_product_attention(q, keys, values, own, implementation)
+    b = q.shape[0]
+    key_valid = jnp.concatenate(
+        [jnp.broadcast_to(True if valid is None else valid, (b, pk.shape[1]))
+         for (pk, _), valid in zip(segments, valids)] + [jnp.ones((b, t), bool)], axis=1)
+    return dot_product_attention(q, keys, values, own, implementation, key_valid=key_valid)
 
   if not filled:
     return attend(prefix_kv, prefix_valid)
@@ -81,6 +159,15 @@ def prefix_attention(q, k, v, mask, prefix_kv, prefix_valid, implementation: str
                                 for n in range(capacity // spec.block + 1)])
 
 
+def _own_pattern(mask, prefix_lengths, t: int):
+  """The own keys' mask [.., T, T] behind prefix segments every query sees: [.., T, P + T]
+  (numpy stays numpy, so the splash kernels can take it as their static pattern)."""
+  xp = np if isinstance(mask, np.ndarray) else jnp
+  lead = np.shape(mask)[:-2]
+  return xp.concatenate([xp.ones(lead + (t, sum(prefix_lengths)), bool),
+                         xp.broadcast_to(mask, lead + (t, t))], axis=-1)
+
+
 def frame_blocks(num_frames: int, chunk_frames: int, context_frames: int) -> np.ndarray:
   """Block id of each latent frame: 0 for the leading context frames, 1 + chunk index after.
 
@@ -97,11 +184,11 @@ def frame_blocks(num_frames: int, chunk_frames: int, context_frames: int) -> np.
 
 
 def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
-                      context_frames: int) -> jnp.ndarray:
+                      context_frames: int) -> np.ndarray:
   """Boolean token mask [1, 1, T, T]: a query sees keys whose block id is <= its own.
 
   Context frames see only context frames; chunk b sees the context and chunks 0..b, and is
   bidirectional inside itself (DESIGN 4.4).
   """
   blocks = np.repeat(frame_blocks(num_frames, chunk_frames, context_frames), tokens_per_frame)
-  return jnp.asarray(blocks[None, :] <= blocks[:, None])[None, None]
+  return (blocks[None, :] <= blocks[:, None])[None, None]
