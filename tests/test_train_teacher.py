@@ -175,6 +175,20 @@ def test_loss_weights():
   np.testing.assert_allclose(teacher_stage.loss_weights(t, 'uniform'), 1.0)
 
 
+def test_snr_clamp_caps_the_x0_error_factor():
+  """With x0 prediction the flow error is the x0 error / sigma^2; 'snr_clamp' weights make the
+  x0 error's factor min(1/sigma^2, gamma), up to the mean-1 normalisation."""
+  t = schedule.shifted_grid(1000, 1.0) * 1000
+  sigma = t / 1000
+  w = teacher_stage.loss_weights(t, 'snr_clamp', snr_gamma=5.0)
+  factor = w / np.maximum(sigma, 1e-3) ** 2
+  expect = np.minimum(1 / np.maximum(sigma, 1e-3) ** 2, 5.0)
+  np.testing.assert_allclose(factor / factor[0], expect / expect[0], rtol=1e-9)
+  assert abs(w.mean() - 1) < 1e-12
+  with pytest.raises(ValueError, match='teacher.snr_gamma: must be > 0'):
+    teacher_stage.loss_weights(t, 'snr_clamp', snr_gamma=0.0)
+
+
 def _state(stage, tx, mesh, params):
   _, sh = train_loop.state_shardings(stage, tx, mesh, sharding.logical_rules(stage.config))
   params = jax.device_put(params, sh.params)

@@ -33,7 +33,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.use_context = True
   t.context_dropout = 0.1
   t.prompt_dropout = 0.1
-  t.weighting = 'bump'        # w(t); 'uniform' turns it off
+  t.weighting = 'bump'        # w(t): 'bump' | 'uniform' | 'snr_clamp' (teacher_stage.loss_weights)
+  t.snr_gamma = 5.0           # 'snr_clamp': the cap on the x0 error's 1/sigma^2 factor
   t.eval_batches = 0          # held-out batches per evaluation (0 = the whole split)
   # Images (stage-1a examples: a shot's first latent frame, no context) of each story example
   # trained beside it, loss weight image_weight; 0 = the reference (teacher_stage docstring).

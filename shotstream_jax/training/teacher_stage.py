@@ -41,16 +41,31 @@ from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import sharding as sharding_lib
 
 TARGET_SHOT = ('random', 'last')
-WEIGHTINGS = ('bump', 'uniform')
+WEIGHTINGS = ('bump', 'uniform', 'snr_clamp')
 
 
-def loss_weights(timesteps: np.ndarray, weighting: str = 'bump') -> np.ndarray:
-  """w(t) on the grid: exp(-2((t-500)/1000)^2), minus its minimum, normalised to mean 1."""
+def loss_weights(timesteps: np.ndarray, weighting: str = 'bump',
+                 snr_gamma: float = 5.0) -> np.ndarray:
+  """w(t) on the grid, normalised to mean 1 (`teacher.weighting`):
+
+    bump       exp(-2((t-500)/1000)^2) minus its minimum (the reference);
+    uniform    1;
+    snr_clamp  min(1, snr_gamma sigma^2), sigma = t / 1000. The flow loss of an x0-predicting
+               DiT is its x0 error / sigma^2, so low-noise steps, where the network only has
+               to copy its input, would weigh up to 1/x0_min_sigma^2 = 400x the rest; this
+               caps that factor at snr_gamma (Min-SNR weighting, Hang et al. 2023, applied
+               to the x0 error) and leaves sigma >= 1/sqrt(snr_gamma) unchanged.
+  """
   if weighting not in WEIGHTINGS:
     raise ValueError(f'teacher.weighting: unknown {weighting!r}; accepted: {", ".join(WEIGHTINGS)}')
   t = np.asarray(timesteps, np.float64)
   if weighting == 'uniform':
     return np.ones_like(t)
+  if weighting == 'snr_clamp':
+    if snr_gamma <= 0:
+      raise ValueError(f'teacher.snr_gamma: must be > 0, got {snr_gamma}')
+    w = np.minimum(1.0, snr_gamma * (t / 1000.0) ** 2)
+    return w / w.mean()
   w = np.exp(-2.0 * ((t - 500.0) / 1000.0) ** 2)
   w = w - w.min()
   return w / w.mean()
@@ -177,7 +192,8 @@ class TeacherStage:
     sigmas = schedule.shifted_grid(config.sampling.num_train_timesteps, config.sampling.shift)
     self.grid_sigmas = jnp.asarray(sigmas, jnp.float32)
     self.weights = jnp.asarray(
-        loss_weights(sigmas * config.sampling.num_train_timesteps, tc.weighting), jnp.float32)
+        loss_weights(sigmas * config.sampling.num_train_timesteps, tc.weighting,
+                     tc.get('snr_gamma', 5.0)), jnp.float32)
     for name in ('context_dropout', 'prompt_dropout'):
       if not 0.0 <= tc[name] < 1.0:
         raise ValueError(f'teacher.{name}: must be in [0, 1), got {tc[name]}')
