@@ -9,8 +9,10 @@ only self-attention params, AdamW lr 1e-5, betas (0, 0.999), wd 0.01, clip 10, b
 with fp32 master weights, per-block remat, on precomputed shards (`data.train_dir`, ...).
 `storyworld` trains the preset's DiT from scratch on StoryWorld shards encoded by the stage-0
 VAE (launch/reproduce.py chains it): every param, AdamW with momentum and warm-up (from
-scratch, not a fine-tune), uniform loss weighting (the student's steps and the DMD scores sit
-at t > 700, where the reference's bump gives almost no weight), whole 6-latent shots, and
+scratch, not a fine-tune), the 'snr_clamp' loss weighting (not the reference's bump, which
+gives almost no weight at t > 700 where the student's steps and the DMD scores sit; not the
+uniform weighting, under which the x0 head's lowest noise levels dominate: README, seventh
+attempt), whole 6-latent shots, and
 4 stage-1a images of each story beside it (`teacher.image_mix`: keeps what stage 1a learned).
 """
 
@@ -44,7 +46,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   if tiny:
     c.optim.teacher = common.adamw(lr=1e-3, clip=10.0, weight_decay=0.01)
   elif preset == 'storyworld':
-    t.weighting = 'uniform'
+    t.weighting = 'snr_clamp'   # stage 1a: as good at 10000 steps as 'uniform' at 14500+
     t.eval_batches = 4
     t.image_mix = 4           # 16 stories x 4 = 64 images a step, stage 1a's batch
     c.optim.teacher = common.adamw(lr=2e-3, clip=1.0, weight_decay=0.01, b1=0.9, b2=0.99)
