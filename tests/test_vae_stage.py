@@ -107,6 +107,7 @@ def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path
 
 @pytest.mark.parametrize('field,value,match', [
     ('vae_train.l1', -1.0, 'vae_train.l1'),
+    ('vae_train.temporal_consistency', -0.5, 'vae_train.temporal_consistency'),
     ('vae_train.init_gain', 0.0, 'vae_train.init_gain'),
     ('data.source', 'precomputed', 'data.source'),
     ('vae_train.clip_frames', 4, 'vae_train.clip_frames'),
@@ -115,3 +116,29 @@ def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path
 def test_bad_config(data_dir, tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):
     vae_stage.VaeStage(_config(data_dir, **{field: value}), str(tmp_path))
+
+
+def test_latent_drift_matches_images_encoded_alone(data_dir):
+  """latent_drift against its definition through the public encode path: latent k >= 1 of a
+  clip vs `encode_image` of pixel frame k t; and the loss adds weight x drift exactly."""
+  c = _config(data_dir)
+  vae = vae_lib.WanVAE(c.vae)
+  params = vae_lib.init_params(vae, jax.random.key(0))
+  t = vae_lib.temporal_factor(c.vae)
+  x = jax.random.uniform(jax.random.key(1), (2, 1 + 2 * t, 16, 16, 3), minval=-1, maxval=1)
+  mu = np.asarray(vae_lib.encode(vae, params, x))            # identity latent stats (tiny)
+  alone = np.stack([np.asarray(vae_lib.encode_image(vae, params, x[:, k * t]))[:, 0]
+                    for k in (1, 2)], 1)
+  want = np.mean((mu[:, 1:] - alone) ** 2) / np.mean(alone ** 2)
+  got = float(vae_stage.latent_drift(vae, params, x, jax.numpy.asarray(mu)))
+  assert want > 0.01   # a random causal encoder does carry time: the check can fail
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  static = np.repeat(np.asarray(x[:, :1]), x.shape[1], axis=1)
+  batch = {'clip': ((static + 1) * 127.5).astype(np.uint8), 'shot': None}
+  kw = dict(l1=1.0, mse=1.0, latent_l2=0.0, full_shots=0)
+  base, _ = vae_stage.reconstruction_loss(vae, params, batch, None, **kw)
+  with_term, m = vae_stage.reconstruction_loss(vae, params, batch, None, **kw,
+                                               temporal_consistency=2.0)
+  assert float(m['latent_drift']) > 0
+  np.testing.assert_allclose(float(with_term), float(base) + 2.0 * float(m['latent_drift']),
+                             rtol=1e-5)

@@ -4,6 +4,7 @@ On `num` held-out examples (the stage's own example layout: single images for te
 [ground-truth context | last shot] for teacher), seed 0:
   * x0_mse[sigma]: mean squared error of the teacher's x0 prediction (x_t - sigma v) from
     x_t = (1 - sigma) x0 + sigma eps, in units of the data (`data_var` beside it);
+    `x0_mse_by_frame` splits it by latent frame (a frame the teacher gets wrong stands out);
   * samples: `num_steps` Euler steps with CFG `guidance` (uncond = zero text rows, as stage 2)
     from fresh noise, decoded by the chain's VAE; `<out>/<stage>_samples.png` rows are examples
     (the first 16), columns: the first context frame (teacher), ground-truth frames, then
@@ -66,11 +67,14 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   x0 = batch['latents'][:, ctx:]
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
   velocity = jax.jit(lambda x, t: teacher_lib.frameconcat_velocity(m, params, cond, x, t, text))
-  x0_mse = {}
+  x0_mse, x0_mse_by_frame = {}, {}
   for s in SIGMAS:
     x_t = (1.0 - s) * x0 + s * noise
     pred = x_t - s * velocity(x_t, jnp.full((num,), 1000.0 * s))
-    x0_mse[str(s)] = round(float(jnp.mean(jnp.square(pred - x0))), 4)
+    err = jnp.square(pred - x0)
+    x0_mse[str(s)] = round(float(jnp.mean(err)), 4)
+    per_frame = jnp.mean(err, axis=tuple(i for i in range(err.ndim) if i != 1))
+    x0_mse_by_frame[str(s)] = [round(float(v), 4) for v in per_frame]
   fn = teacher_lib.guided_velocity_fn(m, params, cond, text, jnp.zeros_like(text[:1]),
                                       guidance=guidance)
   sample = jax.jit(lambda z: teacher_lib.euler(fn, z, num_steps, c.sampling.shift, ())[1])
@@ -96,7 +100,9 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   img = Image.fromarray(to_uint8(sheet))
   img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(png)
   result = {'stage': stage, 'num': num, 'guidance': guidance, 'num_steps': num_steps,
-            'data_var': round(float(jnp.var(x0)), 4), 'x0_mse': x0_mse,
+            'data_var': round(float(jnp.var(x0)), 4),
+            'data_var_by_frame': [round(float(v), 4) for v in jnp.var(x0, axis=(0, 2, 3, 4))],
+            'x0_mse': x0_mse, 'x0_mse_by_frame': x0_mse_by_frame,
             'sample_std': round(float(jnp.std(x)), 4), 'judge': scores, 'samples_png': png}
   with open(os.path.join(out, f'{stage}_probe.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -12,7 +12,16 @@ own. Every example gives two views of one shot of a story:
 
 Loss: L1 + MSE between the decoded (unclipped) frames and the input in [-1, 1], averaged over
 all trained frames, plus `latent_l2 * mean(mu^2)` to keep the latent scale bounded (the role
-of the Wan VAE's KL term; like inference, we use mu only). Held-out metrics run the deployed
+of the Wan VAE's KL term; like inference, we use mu only), plus `temporal_consistency` x
+`latent_drift`: the squared distance of every later latent (k >= 1, covering pixel frames
+(k-1)t+1 .. kt) from the latent of its last pixel frame encoded alone (gradient stopped),
+relative to that latent's power. Why: trained on reconstruction alone, a causal encoder
+writes the time position into the latents (its zero-padded start is in every frame's
+receptive field): a perfectly static StoryWorld shot gave consecutive latents differing by
+0.2-1.2 of the latent variance, so every DiT stage had to learn an arbitrary code per frame
+index, and the context frames (each encoded alone) and stage 1a's images spoke another code
+than the frames a shot generates. With the term a latent is, up to motion, the image latent of
+its frame. Held-out metrics run the deployed
 path (chunked encode, decode clipped to [-1, 1]) on whole shots: PSNR and L1 in [0, 1] units.
 
 Init: the modules' torch-like init draws kernels with variance 1/(3 fan_in); at the small
@@ -65,14 +74,38 @@ def _autoencode(vae, params, x):
   return vae.apply({'params': params}, x, method=run)
 
 
+def _encode_mu(vae, params, x):
+  """Unnormalised mu of whole clips x [B, T, H, W, 3] in one pass."""
+  def run(m, x):
+    return m.quant_conv(m.encoder(x, None, True)[0])[0][..., :m.cfg.z_dim]
+  return vae.apply({'params': params}, x, method=run)
+
+
+def latent_drift(vae, params, x, mu):
+  """Mean squared distance of the later latents mu[:, 1:] of clips x [B, T, ...] from the
+  latents of their last pixel frames encoded alone, relative to those latents' mean power
+  (module docstring); the image latents carry no gradient. 0 for a 1-latent clip."""
+  b, n = mu.shape[:2]
+  if n < 2:
+    return jnp.zeros((), jnp.float32)
+  t = vae_lib.temporal_factor(vae.cfg)
+  frames = x[:, t::t][:, :n - 1]                                # [B, n-1, H, W, 3]
+  alone = _encode_mu(vae, params, frames.reshape((b * (n - 1), 1) + frames.shape[2:]))
+  alone = jax.lax.stop_gradient(alone.reshape(mu[:, 1:].shape).astype(jnp.float32))
+  dist = jnp.mean(jnp.square(mu[:, 1:].astype(jnp.float32) - alone))
+  return dist / jnp.maximum(jnp.mean(jnp.square(alone)), 1e-6)
+
+
 def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, latent_l2: float,
-                        full_shots: int):
-  """Weighted L1 + MSE over every trained frame (the clips and `full_shots` whole shots)."""
+                        full_shots: int, temporal_consistency: float = 0.0):
+  """Weighted L1 + MSE over every trained frame (the clips and `full_shots` whole shots),
+  the latent scale term and, with `temporal_consistency` > 0, the latent drift (module
+  docstring), averaged over the views."""
   del key
   views = [to_unit(batch['clip'])]
   if full_shots:
     views.append(to_unit(batch['shot'][:full_shots]))
-  sums, frames, latent = {'l1': 0.0, 'mse': 0.0}, 0, []
+  sums, frames, latent, drift = {'l1': 0.0, 'mse': 0.0}, 0, [], []
   for x in views:
     mu, y = _autoencode(vae, params, x)
     err = y.astype(jnp.float32) - x
@@ -81,11 +114,16 @@ def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, laten
     sums['mse'] += jnp.mean(err * err) * n
     frames += n
     latent.append(jnp.mean(jnp.square(mu.astype(jnp.float32))))
+    if temporal_consistency:
+      drift.append(latent_drift(vae, params, x, mu))
   l1_err, mse_err = sums['l1'] / frames, sums['mse'] / frames
   latent = sum(latent) / len(latent)
   loss = l1 * l1_err + mse * mse_err + latent_l2 * latent
-  return loss, {'l1': l1_err, 'mse': mse_err, 'latent_ms': latent,
-                'psnr_train': _psnr(mse_err / 4.0)}
+  metrics = {'l1': l1_err, 'mse': mse_err, 'latent_ms': latent, 'psnr_train': _psnr(mse_err / 4.0)}
+  if temporal_consistency:
+    metrics['latent_drift'] = sum(drift) / len(drift)
+    loss = loss + temporal_consistency * metrics['latent_drift']
+  return loss, metrics
 
 
 def _psnr(mse01):
@@ -99,7 +137,8 @@ def heldout_metrics(vae, params, batch):
   err = (y - x) / 2.0
   per_frame = jnp.mean(err * err, axis=(0, 2, 3, 4))
   return {'psnr': _psnr(jnp.mean(err * err)), 'l1': jnp.mean(jnp.abs(err)),
-          'psnr_first_frame': _psnr(per_frame[0]), 'psnr_last_frame': _psnr(per_frame[-1])}
+          'psnr_first_frame': _psnr(per_frame[0]), 'psnr_last_frame': _psnr(per_frame[-1]),
+          'latent_drift': latent_drift(vae, params, x, _encode_mu(vae, params, x))}
 
 
 class VaeStage:
@@ -112,7 +151,7 @@ class VaeStage:
     if config.data.source != 'storyworld':
       raise ValueError(f'data.source: the VAE stage trains on StoryWorld pixels; got '
                        f'{config.data.source!r}, accepted: storyworld')
-    for name in ('l1', 'mse', 'latent_l2'):
+    for name in ('l1', 'mse', 'latent_l2', 'temporal_consistency'):
       if vt[name] < 0:
         raise ValueError(f'vae_train.{name}: must be >= 0, got {vt[name]}')
     if vt.l1 + vt.mse <= 0:
@@ -138,7 +177,8 @@ class VaeStage:
     self._example = functools.partial(shot_example, frames_per_shot=sw_cfg.frames_per_shot,
                                       clip_frames=vt.clip_frames)
     self.loss_fn = functools.partial(reconstruction_loss, self.vae, l1=vt.l1, mse=vt.mse,
-                                     latent_l2=vt.latent_l2, full_shots=vt.full_shots)
+                                     latent_l2=vt.latent_l2, full_shots=vt.full_shots,
+                                     temporal_consistency=vt.temporal_consistency)
 
   def boxed_shapes(self):
     return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
