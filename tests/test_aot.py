@@ -9,11 +9,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
 from configs import shotstream
 from shotstream_jax import aot
+from shotstream_jax import mesh_axes
+from shotstream_jax.models import dit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +94,36 @@ def test_splash_kernel_compiles_for_a_tpu_target():
   assert r['note'] == aot.KERNEL_NOTE and r['fits'] is True
   assert r['analytic_attention_flops'] == aot.piece_flops(config, 'prefill', attention_only=True)
   assert r['flops'] < r['analytic_flops'] - 0.5 * r['analytic_attention_flops']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='needs the libtpu wheel (a TPU compiler; README: Speed)')
+def test_splash_training_step_compiles_sharded_over_a_tpu_mesh():
+  """A DiT gradient with model.attention=splash and the batch split over a 4-chip v5p mesh:
+  XLA cannot partition the Mosaic kernel by itself (the error below); under the ambient mesh
+  (jax.sharding.use_abstract_mesh, as the training loop sets it) the kernel runs in a
+  shard_map and compiles."""
+  config = _tiny(2)
+  config.model.attention = 'splash'
+  m = config.model
+  mesh = Mesh(np.array(aot.target_devices('v5p:2x2x1')).reshape(4, 1, 1), mesh_axes.AXES)
+  batch, repl = NamedSharding(mesh, P(mesh_axes.BATCH_AXES)), NamedSharding(mesh, P())
+  model = dit.WanDiT(m)
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        jax.eval_shape(lambda: dit.init_params(m, jax.random.key(0))))
+  b, f = 4, 3
+  lat = jax.ShapeDtypeStruct((b, f, 4, 4, m.in_channels), jnp.float32, sharding=batch)
+  t = jax.ShapeDtypeStruct((b, f), jnp.float32, sharding=batch)
+  text = jax.ShapeDtypeStruct((b, 5, m.text_dim), jnp.float32, sharding=batch)
+
+  def loss(p, x, t, c):
+    return jnp.mean(jnp.square(model.apply({'params': p}, x, t, c, attention='bidirectional')))
+  grad = jax.jit(jax.grad(loss), out_shardings=repl)
+  with pytest.raises(NotImplementedError, match='shard_map'):
+    grad.lower(params, lat, t, text).compile()
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    compiled = grad.lower(params, lat, t, text).compile()
+  assert 'tpu_custom_call' in compiled.as_text()
 
 
 def test_attention_only_flops_are_the_attention_products():

@@ -3,6 +3,11 @@ kernel through the Pallas interpreter ('splash_interpret', the same kernel code 
 alone and inside whole DiT calls (bidirectional, block-causal, cached, filled), values and
 gradients; cuDNN where a GPU is present."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +116,45 @@ def test_cudnn_equals_xla_on_a_gpu():
   ref = attention.dot_product_attention(q, k, v, None, 'xla')
   out = attention.dot_product_attention(q, k, v, None, 'cudnn')
   np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=2e-2)
+
+
+MESH_WORKER = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from shotstream_jax import mesh_axes
+from shotstream_jax.models import attention
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((4, n, 2, 16)), jnp.float32) for n in (20, 40, 40))
+valid = jnp.asarray(np.arange(40)[None] < np.array([[33], [40], [12], [27]]))
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), mesh_axes.AXES)
+batch = NamedSharding(mesh, P(mesh_axes.BATCH_AXES))
+q, k, v, valid = (jax.device_put(a, batch) for a in (q, k, v, valid))
+ref = attention.dot_product_attention(q, k, v, None, 'xla', key_valid=valid)
+f = jax.jit(lambda *a: attention.dot_product_attention(*a[:3], None, 'splash_interpret',
+                                                       key_valid=a[3]))
+out = {}
+for name, b in (('split', 4), ('replicated', 3)):   # 3 examples do not divide data x fsdp = 4
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    text = f.lower(q[:b], k[:b], v[:b], valid[:b]).as_text()
+    got = f(q[:b], k[:b], v[:b], valid[:b])
+  out[name] = dict(err=float(jnp.max(jnp.abs(got - ref[:b]))), shard_map='shard_map' in text
+                   or 'sdy.manual_computation' in text)
+print(json.dumps(out))
+'''
+
+
+def test_splash_runs_per_device_under_an_ambient_mesh():
+  """Under an ambient mesh the splash call runs in a shard_map (batch over data x fsdp, heads over
+  tensor of a 2x2x2 mesh of 8 simulated devices; replicated where the batch does not divide)
+  and still equals the XLA path."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-c', MESH_WORKER], env=env, cwd=repo,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{')][-1])
+  for case in ('split', 'replicated'):
+    assert out[case]['shard_map'], out
+    assert out[case]['err'] < ATOL, out

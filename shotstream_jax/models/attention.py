@@ -8,6 +8,12 @@
     [T, S] score matrix to memory, which XLA's path does on TPU;
   * 'splash_interpret': the same kernel run by the Pallas interpreter, on any backend: how
     the splash path is checked against 'xla' on a CPU (slow: tests only).
+
+Under a device mesh XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be
+automatically partitioned"), so the splash call runs in a `shard_map` over the ambient mesh
+(`jax.sharding.use_abstract_mesh`, set by the training loop and the sharded story generator):
+the batch split over the mesh's batch axes and the heads over its heads axis wherever they
+divide (mesh_axes.py), replicated otherwise.
 """
 
 import functools
@@ -18,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
+
+from shotstream_jax import mesh_axes
 
 ATTENTION_IMPLS = ('xla', 'cudnn', 'splash', 'splash_interpret')
 ATTENTION_MODES = ('bidirectional', 'block_causal')
@@ -86,19 +95,41 @@ def splash_attention(q, k, v, mask=None, key_valid=None, interpret: bool = False
     pattern[t:, :s] = True        # padded queries: any real key (their rows are dropped)
     if not pattern[:t, :s].any(axis=1).all():
       raise ValueError('mask: a query row with no key to attend to')
-  kernel = _splash_kernel(heads, tp, sp, pattern, interpret)
 
   def heads_first(x, n):  # [B, L, H, D] -> [B, H, n, D], zero-padded
     return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
+  def attend(qq, kk, vv, seg_q, seg_kv):   # one device's examples and heads
+    kernel = _splash_kernel(qq.shape[1], tp, sp, pattern, interpret)
+    return jax.vmap(lambda *a: kernel(*a[:3], segment_ids=splash.SegmentIds(*a[3:])))(
+        qq, kk, vv, seg_q, seg_kv)
+
   valid = jnp.ones((b, s), bool) if key_valid is None else jnp.broadcast_to(key_valid, (b, s))
-  segments = splash.SegmentIds(
-      q=jnp.ones((b, tp), jnp.int32),
-      kv=jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, sp - s))))
-  scale = jnp.asarray(d ** -0.5, q.dtype)
-  out = jax.vmap(lambda qq, kk, vv, seg: kernel(qq, kk, vv, segment_ids=seg))(
-      heads_first(q * scale, tp), heads_first(k, sp), heads_first(v, sp), segments)
-  return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
+  args = (heads_first(q * jnp.asarray(d ** -0.5, q.dtype), tp), heads_first(k, sp),
+          heads_first(v, sp), jnp.ones((b, tp), jnp.int32),
+          jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, sp - s))))
+  split = _mesh_split(b, heads)
+  if split is not None:
+    mesh, batch, head = split
+    x, seg = P(batch, head), P(batch)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(x, x, x, seg, seg), out_specs=x,
+                           check_vma=False)
+  return attend(*args).transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
+
+
+def _mesh_split(batch: int, heads: int):
+  """(ambient mesh, batch axes or None, heads axis or None) for the splash shard_map, or None
+  without a mesh: an axis splits only where its size divides the dimension."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  axes = tuple(a for a in mesh_axes.BATCH_AXES if size.get(a, 1) > 1)
+  if batch % int(np.prod([size[a] for a in axes])):
+    axes = ()
+  n = size.get(mesh_axes.HEADS_AXIS, 1)
+  head = mesh_axes.HEADS_AXIS if n > 1 and heads % n == 0 else None
+  return mesh, (axes or None), head
 
 
 @flax.struct.dataclass

@@ -98,7 +98,8 @@ class StoryGenerator:
   [B, S * frames_per_shot, H, W, 3]: whole stories, one compilation per (B, S).
 
   `mesh`: stories are split over its 'data' axis (B a multiple of its size), weights
-  replicated; without one, jit places everything on the default device.
+  replicated, and it is the ambient mesh while tracing (models/attention.py); without one,
+  jit places everything on the default device.
   """
 
   def __init__(self, sampler: causal.CausalSampler, vae: vae_lib.WanVAE, num_shots: int,
@@ -109,7 +110,9 @@ class StoryGenerator:
     self.tables = story_tables(num_shots, frames_per_shot, budget, context)
     self.mesh = mesh
     self.compile_count = 0
-    fn = jax.vmap(self._one_story, in_axes=(None, None, 0, 0))
+    # spmd_axis_name: a shard_map inside (the splash kernel) splits the stories over 'data'.
+    fn = jax.vmap(self._one_story, in_axes=(None, None, 0, 0),
+                  spmd_axis_name=None if mesh is None else 'data')
     if mesh is None:
       self._fn = jax.jit(fn)
     else:
@@ -129,7 +132,10 @@ class StoryGenerator:
     if self.mesh is not None and rows.shape[0] % self.mesh.shape['data']:
       raise ValueError(f'batch: {rows.shape[0]} stories do not split over the mesh\'s '
                        f'{self.mesh.shape["data"]} data devices')
-    return self._fn(dit_params, vae_params, rows, seeds)
+    if self.mesh is None:
+      return self._fn(dit_params, vae_params, rows, seeds)
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):   # read by splash kernels
+      return self._fn(dit_params, vae_params, rows, seeds)
 
   def _one_story(self, dit_params, vae_params, rows, seed):
     """One story, traced with batch 1 inside (vmapped over stories by __init__)."""

@@ -22,10 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from shotstream_jax.mesh_axes import AXES, BATCH_AXES  # pylint: disable=unused-import
 from shotstream_jax.models import dit
-
-AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple:

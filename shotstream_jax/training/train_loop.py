@@ -326,6 +326,8 @@ def train(config, workdir: str, *, stage=None,
   # Every exit, errors included, closes the checkpointer: an open async orbax manager keeps
   # the interpreter from exiting (a hang instead of an error).
   with contextlib.ExitStack() as cleanup:
+    # The ambient mesh: kernels XLA cannot partition (models/attention.py: splash) read it.
+    cleanup.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
     cleanup.callback(checkpointer.close)
