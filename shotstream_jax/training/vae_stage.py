@@ -64,21 +64,22 @@ def shot_example(record, rng: np.random.Generator, *, frames_per_shot: int,
   return {'shot': frames, 'clip': frames[start:start + clip_frames]}
 
 
+def _mu(m, x):
+  """Unnormalised mu of clips x [B, T, H, W, 3] in one pass (a method for `vae.apply`)."""
+  return m.quant_conv(m.encoder(x, None, True)[0])[0][..., :m.cfg.z_dim]
+
+
 def _autoencode(vae, params, x):
   """(mu, unclipped reconstruction) of whole clips x [B, T, H, W, 3]: one pass each way."""
   def run(m, x):
-    h, _ = m.encoder(x, None, True)
-    mu = m.quant_conv(h)[0][..., :m.cfg.z_dim]
+    mu = _mu(m, x)
     y, _ = m.decoder(m.post_quant_conv(mu)[0], None, True)
     return mu, y
   return vae.apply({'params': params}, x, method=run)
 
 
 def _encode_mu(vae, params, x):
-  """Unnormalised mu of whole clips x [B, T, H, W, 3] in one pass."""
-  def run(m, x):
-    return m.quant_conv(m.encoder(x, None, True)[0])[0][..., :m.cfg.z_dim]
-  return vae.apply({'params': params}, x, method=run)
+  return vae.apply({'params': params}, x, method=_mu)
 
 
 def latent_drift(vae, params, x, mu):
