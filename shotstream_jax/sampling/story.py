@@ -22,6 +22,7 @@ a batch is the video `pipe.generate(story_i, seed_i, streaming=False)` makes, wh
 in the batch and however the batch is sharded.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -132,9 +133,9 @@ class StoryGenerator:
     if self.mesh is not None and rows.shape[0] % self.mesh.shape['data']:
       raise ValueError(f'batch: {rows.shape[0]} stories do not split over the mesh\'s '
                        f'{self.mesh.shape["data"]} data devices')
-    if self.mesh is None:
-      return self._fn(dit_params, vae_params, rows, seeds)
-    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):   # read by splash kernels
+    ambient = (contextlib.nullcontext() if self.mesh is None else   # read by splash kernels
+               jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
+    with ambient:
       return self._fn(dit_params, vae_params, rows, seeds)
 
   def _one_story(self, dit_params, vae_params, rows, seed):
