@@ -38,7 +38,7 @@ FRAMES = vae_lib.pixel_frames(_CFG.vae, _CFG.sampling.shot_latent_frames)   # pe
 # skips these tests, naming why.
 pytestmark = pytest.mark.skipif(
     embedded.model_dir(shotstream.get_config('storyworld')) is None,
-    reason='weights/storyworld is not shipped yet (make it with launch/reproduce.py --ship)')
+    reason='weights/storyworld is absent from this checkout (make it with launch/reproduce.py --ship)')
 
 
 @pytest.fixture(scope='module')
