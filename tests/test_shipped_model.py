@@ -2,8 +2,9 @@
 embedded default, fits the repository, and what it generates beats fixed floors on the judge.
 
 The floors guard the shipped model against regressions: they sit below what it scores on this
-3-story sample (seed 0: overall 0.54, identity 0.33, adherence 0.26, found 0.56; harness, 32
-stories: 0.49 / 0.17 / 0.29 / 0.52), with room for a shot or two to flip between machines, and
+3-story sample (seed 0: overall 0.69, identity 0.67, adherence 0.33, found 0.78, i.e. 7 of 9
+shots found; harness, 32 stories: 0.51 / 0.19 / 0.34 / 0.53), with room for a shot or two to
+flip between machines (found 0.55 = 5 of 9), and
 far above anything an untrained or broken model reaches (random weights score 0 on every one
 of them: no shot is found as a scene). They are not the issue's targets (0.9 on the harness),
 which the shipped interim model does not meet (README, "The StoryWorld default model").
@@ -28,7 +29,7 @@ from shotstream_jax.models import vae as vae_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = os.path.join(REPO, 'configs', 'stories', 'storyworld.json')
-FLOORS = {'overall': 0.4, 'identity': 0.1, 'adherence': 0.15, 'found': 0.4}   # story means
+FLOORS = {'overall': 0.55, 'identity': 0.3, 'adherence': 0.2, 'found': 0.55}   # story means
 MAX_BYTES = 30 * 2 ** 20
 _CFG = shotstream.get_config('storyworld')
 FRAMES = vae_lib.pixel_frames(_CFG.vae, _CFG.sampling.shot_latent_frames)   # per shot
@@ -52,7 +53,7 @@ def test_shipped_files():
   manifest = embedded.read_manifest(directory)
   assert manifest['preset'] == 'storyworld'
   assert sum(manifest['bytes'].values()) < MAX_BYTES
-  assert manifest['harness']['rows']['stage 4 student']['overall'] >= FLOORS['overall']
+  assert manifest['harness']['rows']['stage 4 student']['overall'] >= 0.45   # measured 0.51
 
 
 def _scores(video, story_dict):
@@ -83,8 +84,8 @@ def test_readme_command_one(tmp_path):
     story = json.load(f)
   video = video_lib.read_video(str(out))
   assert video.shape == ((len(story) - 1) * FRAMES, 32, 32, 3)
-  s = _scores(video, story)    # through mp4 compression (measured: overall 0.58, found 0.75)
-  assert s.overall >= FLOORS['overall'] and s.found >= FLOORS['found'], s.summary()
+  s = _scores(video, story)    # through mp4 compression (measured: overall 0.56, found 0.75:
+  assert s.overall >= 0.45 and s.found >= 0.5, s.summary()   # 3 of 4 shots; floors: 2 of 4)
 
 
 def test_interactive_with_shipped_model(tmp_path):
