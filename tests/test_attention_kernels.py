@@ -71,9 +71,11 @@ def dit_pair():
                                      for x, key in zip(leaves, keys)])
   splash_cfg = cfg.copy_and_resolve_references()
   splash_cfg.attention = 'splash_interpret'
+  remat_cfg = splash_cfg.copy_and_resolve_references()
+  remat_cfg.remat = True      # jax.checkpoint traces every array it is handed (the mask too)
   static = ('attention', 'chunk_frames', 'context_frames', 'return_kv')
   apply = {name: jax.jit(dit.WanDiT(c).apply, static_argnames=static)
-           for name, c in (('xla', cfg), ('splash', splash_cfg))}
+           for name, c in (('xla', cfg), ('splash', splash_cfg), ('splash_remat', remat_cfg))}
   return cfg, params, apply
 
 
@@ -93,6 +95,8 @@ def test_dit_forward_and_cached_chunk_equal_xla(dit_pair):
   for extra in (dict(attention='bidirectional'),
                 dict(attention='block_causal', chunk_frames=2, context_frames=2)):
     np.testing.assert_allclose(run('splash', **extra), run('xla', **extra), atol=ATOL)
+  causal = dict(attention='block_causal', chunk_frames=2, context_frames=2)
+  np.testing.assert_allclose(run('splash_remat', **causal), run('xla', **causal), atol=ATOL)
 
   _, (k, v) = run('xla', return_kv=True)
   garbage = 3.0 * jnp.ones_like(k)
@@ -105,7 +109,7 @@ def test_dit_forward_and_cached_chunk_equal_xla(dit_pair):
   for prefix in ((pk, pv, valid),
                  [(k, v, None), (pk, pv, attention.Filled(jnp.int32(2 * tokens), tokens))]):
     outs = {impl: apply[impl]({'params': params}, lat[:, :2], t[:, :2], caps, prefix_kv=prefix,
-                              **chunk) for impl in apply}
+                              **chunk) for impl in ('xla', 'splash')}
     np.testing.assert_allclose(outs['splash'], outs['xla'], atol=ATOL)
 
 

@@ -38,7 +38,8 @@ SPLASH_BLOCK = 128
 def dot_product_attention(q, k, v, mask=None, implementation: str = 'xla', key_valid=None):
   """Softmax attention, q [B, T, H, D], k/v [B, S, H, D].
 
-  mask: None or a bool array broadcastable to [B, H, T, S]; key_valid: None or bool [B, S],
+  mask: None, a `BlockCausal` or a bool array broadcastable to [B, H, T, S]; key_valid: None
+  or bool [B, S],
   the keys each example may attend to (anded with `mask`). `implementation` is the config's
   `model.attention` (module docstring). The splash kernels take the mask as a static pattern:
   a numpy array with batch and head axes of size 1 (the block-causal mask is one); per-example
@@ -47,6 +48,7 @@ def dot_product_attention(q, k, v, mask=None, implementation: str = 'xla', key_v
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention: unknown implementation {implementation!r}; '
                      f'accepted: {", ".join(ATTENTION_IMPLS)}')
+  mask = materialise(mask, implementation)
   if implementation.startswith('splash'):
     return splash_attention(q, k, v, mask, key_valid,
                             interpret=implementation == 'splash_interpret')
@@ -159,7 +161,8 @@ def prefix_attention(q, k, v, mask, prefix_kv, prefix_valid, implementation: str
     keys = jnp.concatenate([pk for pk, _ in segments] + [k], axis=1)
     values = jnp.concatenate([pv for _, pv in segments] + [v], axis=1)
     t = q.shape[1]
-    own = None if mask is None else _own_pattern(mask, [pk.shape[1] for pk, _ in segments], t)
+    own = None if mask is None else _own_pattern(materialise(mask, implementation),
+                                                 [pk.shape[1] for pk, _ in segments], t)
     if all(valid is None for valid in valids):
       return dot_product_attention(q, keys, values, own, implementation)
     b = q.shape[0]
@@ -214,6 +217,39 @@ def frame_blocks(num_frames: int, chunk_frames: int, context_frames: int) -> np.
   return np.where(f < context_frames, 0, 1 + (f - context_frames) // chunk_frames)
 
 
+@flax.struct.dataclass
+class BlockCausal:
+  """The block-causal token mask of `block_causal_mask`, as its description only.
+
+  Why not the array: the DiT hands its mask to every block through the layer scan, and a scan
+  turns an array it broadcasts into a traced value. The splash kernels need the pattern as a
+  static numpy array, so the student's whole-sequence forward (the ODE stage, block-causal
+  over [context | chunks]) could not use them, and XLA got a [T, T] constant (1.8 GB at
+  wan_1_3b's 42120 tokens). This object has no array leaves, so it crosses the scan as static
+  structure; `materialise` turns it into the numpy pattern for splash and into two iotas'
+  comparison, built inside the program, for XLA."""
+  num_frames: int = flax.struct.field(pytree_node=False)
+  tokens_per_frame: int = flax.struct.field(pytree_node=False)
+  chunk_frames: int = flax.struct.field(pytree_node=False)
+  context_frames: int = flax.struct.field(pytree_node=False)
+
+  def token_blocks(self) -> np.ndarray:
+    return np.repeat(frame_blocks(self.num_frames, self.chunk_frames, self.context_frames),
+                     self.tokens_per_frame)
+
+
+def materialise(mask, implementation: str):
+  """A `BlockCausal` as the mask `implementation` takes ([1, 1, T, T]: numpy for the splash
+  kernels' static pattern, a traced comparison for XLA / cuDNN); anything else unchanged."""
+  if not isinstance(mask, BlockCausal):
+    return mask
+  if implementation.startswith('splash'):
+    return block_causal_mask(mask.num_frames, mask.tokens_per_frame, mask.chunk_frames,
+                             mask.context_frames)
+  blocks = jnp.asarray(mask.token_blocks(), jnp.int32)
+  return (blocks[None, :] <= blocks[:, None])[None, None]
+
+
 def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
                       context_frames: int) -> np.ndarray:
   """Boolean token mask [1, 1, T, T]: a query sees keys whose block id is <= its own.
@@ -221,5 +257,5 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
   Context frames see only context frames; chunk b sees the context and chunks 0..b, and is
   bidirectional inside itself (DESIGN 4.4).
   """
-  blocks = np.repeat(frame_blocks(num_frames, chunk_frames, context_frames), tokens_per_frame)
+  blocks = BlockCausal(num_frames, tokens_per_frame, chunk_frames, context_frames).token_blocks()
   return (blocks[None, :] <= blocks[:, None])[None, None]

@@ -316,7 +316,7 @@ class WanDiT(nn.Module):
                        f'{", ".join(attn_lib.ATTENTION_MODES)}')
     mask = None
     if attention == 'block_causal':
-      mask = attn_lib.block_causal_mask(
+      mask = attn_lib.BlockCausal(
           fp, hp * wp, cfg.chunk_frames if chunk_frames is None else chunk_frames,
           cfg.context_frames if context_frames is None else context_frames)
 
