@@ -144,14 +144,32 @@ def compile_piece(config, piece: str, device, fill: Optional[int] = None):
   return jax.jit(fn).lower(*args).compile()
 
 
-def _costs(compiled) -> Dict[str, Optional[float]]:
+def memory_report(compiled, topology: str) -> dict:
+  """Per-device bytes of a compiled program (argument, output, alias, temp, generated code),
+  `total` = argument + output - alias + temp, and for a TPU topology the chip's HBM and
+  whether the total `fits` ({} where the backend gives no analysis)."""
+  mem = compiled.memory_analysis()
+  if not mem:
+    return {}
+  out = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
+         for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  chip = CHIPS.get(topology.split(':')[0])
+  if chip:
+    out['hbm'] = chip.hbm_bytes
+    out['fits'] = bool(out['total'] <= chip.hbm_bytes)
+  return out
+
+
+def compiled_costs(compiled) -> Dict[str, Optional[float]]:
+  """XLA's `flops` and `optimal_seconds` (TPU only; else None) of a compiled program."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   get = lambda k: float(cost[k]) if k in cost and cost[k] is not None else None
   return {'flops': get('flops'), 'optimal_seconds': get('optimal_seconds')}
 
 
-def _with_layers(config, layers: int, unroll: int):
+def with_layers(config, layers: int, unroll: int):
   c = config.copy_and_resolve_references()
   c.model.num_layers, c.model.scan_unroll = layers, unroll
   return c
@@ -161,19 +179,12 @@ def analyse(config, piece: str, topology: str = 'local') -> dict:
   """The report of the module docstring for one piece on one chip of `topology`."""
   device = target_devices(topology)[0]
   compiled = compile_piece(config, piece, device)
-  mem = compiled.memory_analysis()
-  memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
-            for k in ('argument', 'output', 'alias', 'temp', 'generated_code')} if mem else {}
   out = {'piece': piece, 'topology': topology, 'device': str(getattr(device, 'device_kind', device)),
-         'dtype': config.model.dtype, 'attention': config.model.attention, 'memory': memory}
-  if memory:
-    need = memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
-    out['memory']['total'] = need
-    chip = CHIPS.get(topology.split(':')[0])
-    if chip:
-      out['memory']['hbm'] = chip.hbm_bytes
-      out['fits'] = bool(need <= chip.hbm_bytes)
-  costs = _costs(compiled)
+         'dtype': config.model.dtype, 'attention': config.model.attention,
+         'memory': memory_report(compiled, topology)}
+  if 'fits' in out['memory']:
+    out['fits'] = out['memory'].pop('fits')
+  costs = compiled_costs(compiled)
   out['flops_scan_body_once'] = costs['flops']
   if piece == 'shot':   # a scan over chunks around the scan over layers: see `shot_totals`
     out.update(flops=None, optimal_seconds=None,
@@ -204,8 +215,8 @@ def _corrected(config, piece, device, costs, fill=None):
   layers = config.model.num_layers
   if layers == 1:
     return dict(costs)
-  one = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 1), piece, device, fill))
-  two = _costs(compile_piece(_with_layers(config, PROBE_LAYERS, 2), piece, device, fill))
+  one, two = (compiled_costs(compile_piece(with_layers(config, PROBE_LAYERS, u), piece, device,
+                                            fill)) for u in (1, 2))
   out = {}
   for k in costs:
     if None in (costs[k], one[k], two[k]):
@@ -232,7 +243,7 @@ def _by_fill(config, device) -> dict:
   fills = shot_fills(config)
   ends = sorted({fills[0], fills[-1]})
   at = {f: _corrected(config, 'chunk', device,
-                      _costs(compile_piece(config, 'chunk', device, f)), f) for f in ends}
+                      compiled_costs(compile_piece(config, 'chunk', device, f)), f) for f in ends}
   out = {'fills': fills, 'by_fill': {str(f): {k: at[f][k] for k in ('flops', 'optimal_seconds')}
                                      for f in ends}}
   lo, hi = ends[0], ends[-1]

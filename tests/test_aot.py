@@ -59,13 +59,13 @@ def test_chunk_cost_grows_with_the_filled_local_cache_only():
   config = _tiny(2)
   config.sampling.shot_latent_frames = config.sampling.local_frames = 9
   device = jax.local_devices()[0]
-  counts = [aot._costs(aot.compile_piece(config, 'chunk', device, f))['flops'] for f in range(3)]
+  counts = [aot.compiled_costs(aot.compile_piece(config, 'chunk', device, f))['flops'] for f in range(3)]
   steps = np.diff(counts)
   np.testing.assert_allclose(steps, steps[0], rtol=1e-6)
   analytic = [aot.piece_flops(config, 'chunk', f) for f in range(3)]
   # the compiled counts have the scanned block once: one step is one layer's attention
   np.testing.assert_allclose(np.diff(analytic), steps[0] * config.model.num_layers, rtol=0.06)
-  traced = aot._costs(aot.compile_piece(config, 'chunk', device))['flops']
+  traced = aot.compiled_costs(aot.compile_piece(config, 'chunk', device))['flops']
   assert traced == pytest.approx(counts[-1] + steps[0], rel=1e-3)   # capacity 3 chunks: fill 3
 
 

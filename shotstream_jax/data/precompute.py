@@ -334,6 +334,51 @@ def precompute(source, out_dir: str, encoders: Encoders, *, context_frames: int 
   return PrecomputeResult(out_dir, num_examples, num_shards, todo, skipped)
 
 
+def write_shapes_only(out_dir: str, config, num_shots: int) -> str:
+  """One all-zero record with the layout and sizes precompute writes for `config` (a training
+  config: `num_shots` shots of `sampling.shot_latent_frames` latents at its resolution, the
+  context candidates of `model.context_frames`, caption rows of `text.d_model`), in a folder
+  PrecomputedSource reads. Why: compiling a training step ahead of time for a chip you do not
+  have (shotstream_jax/aot_train.py) needs a stage's batch shapes, and a stage reads its
+  batches from precomputed shards; encoding real video at 480p just for shapes would take
+  hours. Returns out_dir."""
+  if num_shots < 1:
+    raise ValueError(f'num_shots: must be >= 1, got {num_shots}')
+  latents = config.sampling.shot_latent_frames
+  frames = vae_lib.pixel_frames(config.vae, latents)
+  factor = vae_lib.spatial_factor(config.vae)
+  hw = (config.sampling.height // factor, config.sampling.width // factor)
+  z = config.vae.z_dim
+  shot_frames = np.full(num_shots, frames, np.int32)
+  ctx_index = context_lib.context_candidates(shot_frames, config.model.context_frames)
+  frame_shot = np.repeat(np.arange(num_shots, dtype=np.int32), frames)
+  record = {
+      'id': 'shapes-only', 'global_caption': '', 'shot_captions': [''] * num_shots,
+      'prompts': [''] * num_shots, 'shot_frames': shot_frames,
+      'latents': np.zeros((num_shots * latents,) + hw + (z,), np.float32),
+      'shot_latent_frames': np.full(num_shots, latents, np.int32),
+      'latent_shot': np.repeat(np.arange(num_shots, dtype=np.int32), latents),
+      'ctx_latents': np.zeros((len(ctx_index),) + hw + (z,), np.float32),
+      'ctx_frame_index': ctx_index, 'ctx_shot': frame_shot[ctx_index],
+      'text_emb': np.zeros((num_shots, config.text.d_model), np.float32),
+      'text_lengths': np.ones(num_shots, np.int32),
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  writer = array_record_module.ArrayRecordWriter(os.path.join(out_dir, shard_name(0, 1)),
+                                                 'group_size:1')
+  writer.write(serialization.msgpack_serialize(record))
+  writer.close()
+  meta = {'format': FORMAT_VERSION, 'source': 'shapes-only', 'num_examples': 1,
+          'examples_per_shard': 1, 'num_shards': 1,
+          'context_frames': config.model.context_frames, 'latent_dtype': 'float32',
+          'text_len': config.text.text_len, 'text_dim': config.text.d_model}
+  _write_atomic(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1).encode())
+  _write_atomic(os.path.join(out_dir, NEGATIVE_FILE), serialization.msgpack_serialize(
+      {'prompt': '', 'text_emb': np.zeros((1, config.text.d_model), np.float32),
+       'text_length': np.int32(1)}))
+  return out_dir
+
+
 # ----------------------------------------------------------------------------- reader
 
 

@@ -229,6 +229,28 @@ def window_means(window) -> Dict[str, float]:
   return out
 
 
+def stage_step(config, stage):
+  """(optimizer, {network: EMA decay}, step(state, batch) -> (state, metrics)) of a stage:
+  its own `optimizer` / `train_step` where it has them, else AdamW per network and the
+  default step; the EMA and the non-finite guard around either. What `train` runs and what
+  `launch/aot.py` compiles for a chip it does not have (shotstream_jax/aot_train.py)."""
+  make_tx = getattr(stage, 'optimizer', None)
+  tx = make_tx() if make_tx else make_optimizer(config.optim, stage.networks)
+  decays = ema_decays(config.optim, stage.networks)
+  make_step = getattr(stage, 'train_step', None)
+  step_fn = guarded(with_ema(make_step(tx) if make_step else
+                             default_train_step(stage.loss, tx), decays))
+  return tx, decays, step_fn
+
+
+def jit_step(step_fn, shardings, batch_shardings, mesh, donate: bool):
+  """The jitted step: state and batch laid out by their shardings, metrics replicated.
+  donate=False when skipping non-finite steps keeps the previous state to fall back on."""
+  return jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,) if donate else ())
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -319,9 +341,7 @@ def train(config, workdir: str, *, stage=None,
                      'processes')
   local_batch = global_batch // jax.process_count()
 
-  make_tx = getattr(stage, 'optimizer', None)
-  tx = make_tx() if make_tx else make_optimizer(config.optim, stage.networks)
-  decays = ema_decays(config.optim, stage.networks)
+  tx, decays, step_fn = stage_step(config, stage)
   shapes, shardings = state_shardings(stage, tx, mesh, rules, tuple(decays))
   # Every exit, errors included, closes the checkpointer: an open async orbax manager keeps
   # the interpreter from exiting (a hang instead of an error).
@@ -343,9 +363,6 @@ def train(config, workdir: str, *, stage=None,
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
     cleanup.callback(writer.close)
 
-    make_step = getattr(stage, 'train_step', None)
-    step_fn = guarded(with_ema(make_step(tx) if make_step else
-                               default_train_step(stage.loss, tx), decays))
     jitted, eval_jitted = None, None
     eval_batches = stage.eval_batches(local_batch) if tc.eval_every else []
     repl = sharding_lib.replicated(mesh)
@@ -383,11 +400,8 @@ def train(config, workdir: str, *, stage=None,
         host_batch = batch_hook(step, host_batch)
       batch = sharding_lib.shard_batch(host_batch, mesh)
       if jitted is None:
-        # Skipping keeps the previous state to fall back on, so it cannot be donated.
-        jitted = jax.jit(step_fn, in_shardings=(shardings,
-                                                sharding_lib.batch_shardings(host_batch, mesh)),
-                         out_shardings=(shardings, repl),
-                         donate_argnums=() if tc.skip_nonfinite else (0,))
+        jitted = jit_step(step_fn, shardings, sharding_lib.batch_shardings(host_batch, mesh),
+                          mesh, donate=not tc.skip_nonfinite)
       previous = state
       state, metrics = jitted(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
