@@ -48,7 +48,8 @@ KERNEL_NOTE = ('model.attention=splash: the attention runs in Pallas kernels, cu
 def teacher_attention_flops(config, mesh_shape) -> float:
   """Per device, the attention products of one forward pass of stage 1's batch: each example
   is [context | target] frames attending to all of them and to its caption rows (dit_flops).
-  The backward pass and remat's recompute add about 2.5x and 1x this on top."""
+  The backward pass and remat's recompute add about 2.5x and 1x this on top. Images mixed in
+  (`teacher.image_mix`, storyworld only) are left out."""
   m = config.model
   hw = pipeline_lib.latent_size(config)
   frames = teacher_stage.context_frames(config) + config.teacher.target_frames
