@@ -64,7 +64,6 @@ def run_training(config, topology: str, mesh, costs: bool):
   if mesh and (sizes is None or len(sizes) != 3 or min(sizes) < 1):
     raise ValueError(f'--mesh: expected three positive sizes data,fsdp,tensor (e.g. 1,4,1), '
                      f'got {",".join(mesh)}')
-  aot.target_devices(topology)
   print(json.dumps(aot_train.analyse(config, topology, sizes, costs=costs)), flush=True)
 
 

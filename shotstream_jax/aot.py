@@ -145,20 +145,21 @@ def compile_piece(config, piece: str, device, fill: Optional[int] = None):
 
 
 def memory_report(compiled, topology: str) -> dict:
-  """Per-device bytes of a compiled program (argument, output, alias, temp, generated code),
-  `total` = argument + output - alias + temp, and for a TPU topology the chip's HBM and
-  whether the total `fits` ({} where the backend gives no analysis)."""
+  """{'memory': per-device bytes of a compiled program (argument, output, alias, temp,
+  generated code; `total` = argument + output - alias + temp; for a TPU topology the chip's
+  `hbm`), 'fits': total <= HBM (TPU topologies only)}; memory is {} where the backend gives
+  no analysis."""
   mem = compiled.memory_analysis()
   if not mem:
-    return {}
-  out = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
-         for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
-  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+    return {'memory': {}}
+  memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
+            for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  memory['total'] = memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
   chip = CHIPS.get(topology.split(':')[0])
-  if chip:
-    out['hbm'] = chip.hbm_bytes
-    out['fits'] = bool(out['total'] <= chip.hbm_bytes)
-  return out
+  if not chip:
+    return {'memory': memory}
+  memory['hbm'] = chip.hbm_bytes
+  return {'memory': memory, 'fits': bool(memory['total'] <= chip.hbm_bytes)}
 
 
 def compiled_costs(compiled) -> Dict[str, Optional[float]]:
@@ -181,9 +182,7 @@ def analyse(config, piece: str, topology: str = 'local') -> dict:
   compiled = compile_piece(config, piece, device)
   out = {'piece': piece, 'topology': topology, 'device': str(getattr(device, 'device_kind', device)),
          'dtype': config.model.dtype, 'attention': config.model.attention,
-         'memory': memory_report(compiled, topology)}
-  if 'fits' in out['memory']:
-    out['fits'] = out['memory'].pop('fits')
+         **memory_report(compiled, topology)}
   costs = compiled_costs(compiled)
   out['flops_scan_body_once'] = costs['flops']
   if piece == 'shot':   # a scan over chunks around the scan over layers: see `shot_totals`

@@ -89,7 +89,7 @@ def abstract_batch(stage, config, mesh):
 
 
 def compile_step(config, devices: Sequence, mesh_shape: Sequence[int]):
-  """(compiled step, mesh) of `config`'s stage over `devices` shaped (data, fsdp, tensor)."""
+  """The compiled step of `config`'s stage over `devices` shaped (data, fsdp, tensor)."""
   config = config.copy_and_resolve_references()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(s) for s in mesh_shape)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -106,7 +106,7 @@ def compile_step(config, devices: Sequence, mesh_shape: Sequence[int]):
                                  jax.tree.map(lambda b: b.sharding, batch), mesh, donate=True)
     # The ambient mesh, as in train(): kernels XLA cannot partition (splash) read it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return jitted.lower(state, batch).compile(), mesh
+      return jitted.lower(state, batch).compile()
 
 
 def _costs(config, devices, mesh_shape, compiled, probes: bool = True) -> dict:
@@ -120,7 +120,7 @@ def _costs(config, devices, mesh_shape, compiled, probes: bool = True) -> dict:
   if not probes:
     return dict(out, flops=None, optimal_seconds=None, note=NO_PROBES_NOTE)
   probe = lambda unroll: aot.compiled_costs(compile_step(
-      aot.with_layers(config, aot.PROBE_LAYERS, unroll), devices, mesh_shape)[0])
+      aot.with_layers(config, aot.PROBE_LAYERS, unroll), devices, mesh_shape))
   same = config.model.num_layers == aot.PROBE_LAYERS and config.model.scan_unroll == 1
   one, two = (raw if same else probe(1)), probe(2)   # `same`: the step is its own 1-block probe
   layers = config.model.num_layers
@@ -149,17 +149,15 @@ def analyse(config, topology: str = 'local', mesh: Optional[Sequence[int]] = Non
          'batch': config.data.batch_size, 'dtype': config.model.dtype,
          'attention': config.model.attention, 'remat': bool(config.model.remat)}
   try:
-    compiled, _ = compile_step(config, devices, mesh_shape)
+    compiled = compile_step(config, devices, mesh_shape)
   except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses what cannot fit
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     return dict(out, fits=False, memory={}, compile_error=str(e).strip().splitlines()[-1])
-  out['memory'] = aot.memory_report(compiled, topology)
+  out.update(aot.memory_report(compiled, topology))
   if config.model.attention.startswith('splash'):
     out['kernels'] = KERNEL_NOTE
     if config.stage in LAYER_SCAN_ONLY:
       out['analytic_attention_forward_flops'] = teacher_attention_flops(config, mesh_shape)
-  if 'fits' in out['memory']:
-    out['fits'] = out['memory'].pop('fits')
   out.update(_costs(config, devices, mesh_shape, compiled, probes=costs))
   return out

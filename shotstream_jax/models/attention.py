@@ -233,9 +233,12 @@ class BlockCausal:
   chunk_frames: int = flax.struct.field(pytree_node=False)
   context_frames: int = flax.struct.field(pytree_node=False)
 
-  def token_blocks(self) -> np.ndarray:
-    return np.repeat(frame_blocks(self.num_frames, self.chunk_frames, self.context_frames),
-                     self.tokens_per_frame)
+  def pattern(self, xp=np):
+    """The bool mask [1, 1, T, T], built with `xp` (numpy: a static array; jax.numpy: a
+    comparison inside the program)."""
+    blocks = xp.asarray(np.repeat(frame_blocks(self.num_frames, self.chunk_frames,
+                                               self.context_frames), self.tokens_per_frame))
+    return (blocks[None, :] <= blocks[:, None])[None, None]
 
 
 def materialise(mask, implementation: str):
@@ -243,11 +246,7 @@ def materialise(mask, implementation: str):
   kernels' static pattern, a traced comparison for XLA / cuDNN); anything else unchanged."""
   if not isinstance(mask, BlockCausal):
     return mask
-  if implementation.startswith('splash'):
-    return block_causal_mask(mask.num_frames, mask.tokens_per_frame, mask.chunk_frames,
-                             mask.context_frames)
-  blocks = jnp.asarray(mask.token_blocks(), jnp.int32)
-  return (blocks[None, :] <= blocks[:, None])[None, None]
+  return mask.pattern(np if implementation.startswith('splash') else jnp)
 
 
 def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
@@ -257,5 +256,4 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
   Context frames see only context frames; chunk b sees the context and chunks 0..b, and is
   bidirectional inside itself (DESIGN 4.4).
   """
-  blocks = BlockCausal(num_frames, tokens_per_frame, chunk_frames, context_frames).token_blocks()
-  return (blocks[None, :] <= blocks[:, None])[None, None]
+  return BlockCausal(num_frames, tokens_per_frame, chunk_frames, context_frames).pattern(np)
