@@ -26,8 +26,10 @@ HW = (4, 6)
 
 
 @functools.lru_cache(maxsize=None)
-def _setup():
+def _setup(local_frames=None):
   cfg = shotstream.get_config('tiny')      # 6 latent frames per shot = 2 chunks of 3
+  if local_frames:
+    cfg.sampling.local_frames = local_frames
   m = cfg.model
   sampler = causal.CausalSampler(m, cfg.sampling, HW)
   params = model_fixtures.random_dit(m)
@@ -58,11 +60,14 @@ def test_last_exit_step_equals_inference():
   assert float(jnp.max(jnp.abs(early.latents - want))) > 1e-2
 
 
-@pytest.mark.parametrize('exit_step', [pytest.param(0, marks=pytest.mark.slow), 2])
-def test_gradient_reaches_only_the_exit_forward(exit_step):
+@pytest.mark.parametrize('exit_step,local_frames', [
+    pytest.param(0, None, marks=pytest.mark.slow), (2, None), (2, 3)])
+def test_gradient_reaches_only_the_exit_forward(exit_step, local_frames):
   """d(w . latents)/d params == the gradient of the exit forwards alone, with their inputs
-  (noisy chunk, global and local caches) computed beforehand and held fixed."""
-  _, sampler, params, plan = _setup()
+  (noisy chunk, global and local caches) computed beforehand and held fixed. The local window
+  holding the whole shot (default) takes the replayed exit forwards of `rollout_shot`, a
+  one-chunk window (3 frames: a ring buffer) the exit forwards inside the chunk scan."""
+  _, sampler, params, plan = _setup(local_frames)
   key = jax.random.key(3)
   w = _weights(sampler)
   f = lambda p: jnp.sum(w * rollout.rollout_shot(sampler, p, plan, key, exit_step).latents)

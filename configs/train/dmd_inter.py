@@ -7,7 +7,7 @@ shots conditioned on the decoded and re-encoded earlier outputs (needs the VAE: 
 random one, or `--config.dmd.vae_path=Wan2.1_VAE.pth` for precomputed data). `wan_1_3b` follows
 the reference: LoRA rank 256, alpha 256 on every Linear of every block of generator and critic
 (`--config.dmd.generator_init` = the stage-3 generator, `dmd.critic_init` = its critic).
-`storyworld` fine-tunes every param (no LoRA: the model is small) over 3-shot rollouts, the
+`storyworld` fine-tunes every param (no LoRA: the model is small) over 4-shot rollouts, the
 VAE being the stage-0 export (`dmd.vae_path`).
 """
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax import context as context_lib
+from shotstream_jax.models import cache as cache_lib
 from shotstream_jax.models import dit
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
@@ -66,6 +67,10 @@ def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, k
   global_cache = sg(sampler.prefill(hist, hist_plan))
   exit_step = jnp.asarray(exit_step, jnp.int32)
 
+  def exit_forward(p, pl, local, index, x):
+    v = sampler.forward(p, pl, global_cache, local, index, x, full(ts[exit_step]))
+    return schedule.x0_from_velocity(x, v, sigmas[exit_step])
+
   def body(local, index):
     keys = sampler.noise_keys(key, index)
 
@@ -77,13 +82,31 @@ def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, k
 
     x = jax.random.normal(keys[0], shape, jnp.float32)
     x = sg(jax.lax.fori_loop(0, exit_step, earlier_step, x))
-    v = sampler.forward(params, plan, global_cache, local, index, x, full(ts[exit_step]))
-    x0 = schedule.x0_from_velocity(x, v, sigmas[exit_step])
+    # Replayed: the exit forward runs once more with gradient after the scan.
+    x0 = exit_forward(params if not replay else hist, plan if not replay else hist_plan,
+                      local, index, x)
     _, kv = sampler.forward(hist, hist_plan, global_cache, local, index, sg(x0),
                             full(sampler.sampling_cfg.cache_timestep), return_kv=True)
-    return sg(sampler.write_local(local, sg(kv), index)), x0
+    return sg(sampler.write_local(local, sg(kv), index)), (x if replay else x0)
 
-  _, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
+  # Replay (the local window holds the whole shot, so no chunk's K/V is ever overwritten): the
+  # cache chunk i read is the final cache cut to its first i chunks, so the exit forwards with
+  # gradient run in a second scan against that one cache instead of inside the first, whose
+  # backward would keep a copy of the whole local cache per chunk (what made stage 4 at
+  # wan_1_3b need > 95 GB a chip). Same numbers: the same K/V in the filled slots, and the
+  # attention never reads past the fill length.
+  block = sampler.chunk_frames * sampler.tokens_per_frame
+  replay = sampler.num_chunks * block <= sampler.local_tokens
+  final, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
+  if replay:
+    final = sg(final)
+
+    def replayed(_, inputs):
+      index, x = inputs
+      local = cache_lib.KVCache(final.k, final.v, (index * block).astype(jnp.int32))
+      return None, exit_forward(params, plan, local, index, x)
+
+    _, xs = jax.lax.scan(replayed, None, (jnp.arange(sampler.num_chunks), xs))
   xs = jnp.swapaxes(xs, 0, 1)
   latents = xs.reshape((b, sampler.num_chunks * n) + xs.shape[3:])
   return Rollout(latents, exit_step)
