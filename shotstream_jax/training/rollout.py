@@ -92,9 +92,8 @@ def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, k
   # Replay (the local window holds the whole shot, so no chunk's K/V is ever overwritten): the
   # cache chunk i read is the final cache cut to its first i chunks, so the exit forwards with
   # gradient run in a second scan against that one cache instead of inside the first, whose
-  # backward would keep a copy of the whole local cache per chunk (what made stage 4 at
-  # wan_1_3b need > 95 GB a chip). Same numbers: the same K/V in the filled slots, and the
-  # attention never reads past the fill length.
+  # backward would keep a copy of the whole local cache per chunk. Same numbers: the same K/V
+  # in the filled slots, and the attention never reads past the fill length.
   block = sampler.chunk_frames * sampler.tokens_per_frame
   replay = sampler.num_chunks * block <= sampler.local_tokens
   final, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
