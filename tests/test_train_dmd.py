@@ -1,7 +1,6 @@
 """Stages 3-4 (DMD) through train_loop.train on tiny StoryWorld, one CPU device: finite losses,
 the generator (params and AdamW state) updated only every `dmd.generator_every` steps, the
-critic every step, the teacher never; LoRA trains only adapters; the optional GAN term trains
-its discriminator every step; bad configs fail clearly."""
+critic every step, the teacher never; LoRA trains only adapters; bad configs fail clearly."""
 
 import os
 import sys
@@ -108,26 +107,6 @@ def test_dmd_inter_schedule(data_dir, tmp_path):
   assert _same(steps[-1][0]['vae'], initial['vae'])
 
 
-def test_gan_term_trains_the_discriminator(data_dir, tmp_path):
-  """gan.weight > 0: the discriminator updates every step on real frames of the story against
-  the generator's; the generator keeps its schedule, its loss adds the measured GAN term.
-  (Stage 4 builds its examples and losses through the same functions: stage 3 stands for both.)"""
-  config = _config(dmd_intra, data_dir, **{'gan.weight': 0.5})
-  initial, steps = _train(config, str(tmp_path))
-  _check_schedule(initial, steps)
-  for before, (after, _, m) in zip([initial] + [p for p, _, _ in steps], steps):
-    assert not _same(after['disc'], before['disc'])
-    assert np.isfinite(m['disc_loss']) and 0 <= m['disc_real_correct'] <= 1
-  (_, _, m1), (_, _, m2), _ = steps
-  assert m1['generator_loss'] == pytest.approx(m1['dmd_loss'] + 0.5 * m1['gan_loss'], rel=1e-5)
-  assert m1['gan_loss'] > 0 and np.isnan(m2['gan_loss'])
-
-
-def test_without_gan_there_is_no_discriminator(data_dir, tmp_path):
-  stage = dmd_stage.DmdStage(_config(dmd_intra, data_dir), str(tmp_path))
-  assert 'disc' not in stage.networks and 'disc' not in stage.boxed_shapes()
-
-
 def test_lora_trains_only_adapters_and_exports_merged(data_dir, tmp_path):
   config = _config(dmd_intra, data_dir, **{'lora.enabled': True, 'train.num_steps': 2,
                                            'dmd.generator_every': 1})
@@ -158,7 +137,6 @@ def test_lora_trains_only_adapters_and_exports_merged(data_dir, tmp_path):
     ('dmd.negative', 'none', 'dmd.negative'),
     ('dmd.max_timestep', 10.0, 'dmd.min_timestep/max_timestep'),
     ('stage', 'teacher', 'stage'),
-    ('gan.weight', -1.0, 'gan.weight'),
 ])
 def test_bad_config(data_dir, tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):

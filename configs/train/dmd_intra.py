@@ -38,14 +38,6 @@ def dmd_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   d.num_shots = {'tiny': 2, 'storyworld': 4}.get(preset, 5)
   d.vae_path = ''             # stage 4 on precomputed data: the VAE that encoded it
 
-  # Adversarial term (shotstream_jax/training/adversarial.py; DMD2). 0 = off, the reference.
-  g = c.gan = ml_collections.ConfigDict()
-  g.weight = 0.0              # generator loss = DMD + weight * softplus(-D(fake))
-  g.widths = (32, 64, 128)    # the frame discriminator's conv widths
-  g.noise = 0.3               # real and fake frames diffused to a sigma in [0, noise]
-  g.real_frames = 6           # real latent frames of the example's story per example
-  c.optim.disc = common.adamw(lr=1e-4, clip=10.0, weight_decay=0.0, b1=0.0, b2=0.99)
-
   lo = c.lora = ml_collections.ConfigDict()
   lo.enabled = False
   lo.rank = 256 if preset == 'wan_1_3b' else 4

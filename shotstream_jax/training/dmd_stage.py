@@ -7,9 +7,6 @@ Networks (the `TrainState` params):
   teacher     the real score, frozen: `cond + g (cond - uncond)`, uncond = the precomputed
               negative-prompt embedding (`dmd.negative`) or a zero embedding
   vae         stage 4 only, frozen: decodes earlier shots, re-encodes their context frames
-  disc        only with `gan.weight` > 0: a frame discriminator (training/adversarial.py),
-              trained every step on real latent frames of the example's story against the
-              generator's frames; the generator's loss adds `gan.weight` times its GAN loss
 
 Stage 3 ('dmd_intra'): one target shot per example with its ground-truth context (as the
 teacher's examples); the generator rolls the shot out chunk by chunk (rollout.rollout_shot) and
@@ -51,7 +48,6 @@ from shotstream_jax.models import random_init
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
 from shotstream_jax.sampling import teacher as teacher_lib
-from shotstream_jax.training import adversarial
 from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import rollout
@@ -79,13 +75,6 @@ def shot_example(record, rng, *, context_frames: int, target_frames: int, target
   return {'ctx_latents': ex['latents'][:c], 'ctx_shot': ex['frame_shot'][:c],
           'ctx_caption': ex['frame_caption'][:c], 'gen_shot': ex['frame_shot'][c],
           'gen_caption': ex['frame_caption'][c], 'text': ex['text']}
-
-
-def real_frames(record, rng, count: int):
-  """`count` latent frames [count, h, w, C] of the record's story, drawn uniformly (with
-  replacement): the real side of the discriminator (`gan.weight` > 0)."""
-  latents = np.asarray(record['latents'], np.float32)
-  return latents[rng.integers(len(latents), size=count)]
 
 
 def story_example(record, rng, *, num_shots: int):
@@ -167,18 +156,11 @@ class DmdStage:
     for role in ROLES:
       if role not in config.optim:
         raise ValueError(f'optim.{role}: missing; DMD needs optim.generator and optim.critic')
-    self.gan = config.gan.weight > 0
-    if config.gan.weight < 0 or (self.gan and 'disc' not in config.optim):
-      raise ValueError(f'gan.weight: must be >= 0 (0 = off) and, when > 0, optim.disc set; '
-                       f'got {config.gan.weight}')
     self.lora = _lora_cfg(config) if config.lora.enabled else None
     self.trained = {(f'{r}_lora' if self.lora else r): r for r in ROLES}   # net -> role
     self.gen_net, self.critic_net = list(self.trained)
-    if self.gan:
-      self.trained['disc'] = 'disc'
     self.networks = ('generator', 'critic', 'teacher') + tuple(
-        n for n in self.trained if self.lora) + (('vae',) if self.inter else ()) + (
-            ('disc',) if self.gan else ())
+        n for n in self.trained if self.lora) + (('vae',) if self.inter else ())
 
     m, s = config.model, config.sampling
     self.vae = vae_lib.WanVAE(config.vae)
@@ -194,15 +176,11 @@ class DmdStage:
     self.uncond_text = jnp.asarray(data_lib.negative_text(
         d.negative, self.train_dir, m.text_len, m.text_dim, 'dmd.negative'))[None]   # [1, L, D]
     if self.inter:
-      example = functools.partial(story_example, num_shots=d.num_shots)
+      self._example = functools.partial(story_example, num_shots=d.num_shots)
     else:
-      example = functools.partial(
+      self._example = functools.partial(
           shot_example, context_frames=m.context_frames, target_frames=s.shot_latent_frames,
           target_shot=d.target_shot, latent_hw=self.latent_hw)
-    self._example = example
-    if self.gan:
-      self._example = lambda record, rng: dict(
-          example(record, rng), real_latents=real_frames(record, rng, config.gan.real_frames))
 
   # ------------------------------------------------------------------ setup
 
@@ -214,13 +192,7 @@ class DmdStage:
       out.update({n: adapters for n in self.trained})
     if self.inter:
       out['vae'] = vae_lib.param_shapes(self.vae)    # unboxed: replicated
-    if self.gan:
-      out['disc'] = jax.eval_shape(lambda: self._disc_init(jax.random.key(0)))   # replicated
     return out
-
-  def _disc_init(self, key):
-    return adversarial.init_params(self.config.gan, key,
-                                   self.latent_hw + (self.config.model.in_channels,))
 
   def init_params(self, key, shardings):
     """Teacher from `dmd.teacher_init`; critic and generator from their own paths or, when
@@ -241,8 +213,6 @@ class DmdStage:
         out[net] = init(out[self.trained[net]], k)
     if self.inter:
       out['vae'] = jax.device_put(self._vae_params(), shardings['vae'])
-    if self.gan:   # its own key: the DiTs' draws stay what they are without the GAN
-      out['disc'] = jax.device_put(self._disc_init(jax.random.fold_in(key, 1)), shardings['disc'])
     return out
 
   def _load_dit(self, path, network, field, *, key, sharding):
@@ -366,27 +336,8 @@ class DmdStage:
           jax.random.fold_in(k_score, s), self.score_cfg, mask=self._frames_mask(mask, x))
       n = jnp.sum(mask)
       total, weight = total + n * loss, weight + n
-    dmd = total / jnp.maximum(weight, 1.0)
-    metrics = {'dmd_loss': dmd, 'dmd_grad_abs_mean': aux['dmd_grad_abs_mean']}
-    loss = dmd
-    if self.gan:
-      fake, fake_mask = self._fake_frames(shots)
-      gan = adversarial.generator_loss(self.config.gan, params['disc'], fake, fake_mask,
-                                       jax.random.fold_in(k_score, len(shots)))
-      loss = dmd + self.config.gan.weight * gan
-      metrics['gan_loss'] = gan
-    return loss, (sg(shots), metrics)
-
-  def _fake_frames(self, shots):
-    """Every generated frame of the rolled-out shots [N, h, w, C] and its mask [N]."""
-    parts = [adversarial.frames(x, self._frames_mask(mask, x)) for x, _, _, mask in shots]
-    return (jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
-
-  def _disc_loss(self, disc_params, batch, shots, key):
-    real, real_mask = adversarial.frames(batch['real_latents'])
-    fake, fake_mask = self._fake_frames(sg(shots))
-    return adversarial.discriminator_loss(self.config.gan, disc_params, real, real_mask, fake,
-                                          fake_mask, key)
+    loss = total / jnp.maximum(weight, 1.0)
+    return loss, (sg(shots), {'dmd_loss': loss, 'dmd_grad_abs_mean': aux['dmd_grad_abs_mean']})
 
   def _critic_loss(self, train_p, params, shots, key):
     """Flow loss of the critic on the generator's samples (masked mean over shots)."""
@@ -429,20 +380,14 @@ class DmdStage:
         shots = sg(self._rollout(gen, batch, k_roll, params.get('vae')))
         unmeasured = jnp.full((), jnp.nan, jnp.float32)   # left out of the logged means
         return (jax.tree.map(jnp.zeros_like, params[gen_net]), shots,
-                dict({'dmd_loss': unmeasured, 'dmd_grad_abs_mean': unmeasured,
-                      'generator_loss': unmeasured}, **(
-                          {'gan_loss': unmeasured} if self.gan else {})))
+                {'dmd_loss': unmeasured, 'dmd_grad_abs_mean': unmeasured,
+                 'generator_loss': unmeasured})
 
       g_grads, shots, metrics = jax.lax.cond(is_gen, generator_branch, sample_branch, None)
       (c_loss, c_aux), c_grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
           params[critic_net], params, shots, k_critic)
-      trained = {gen_net: g_grads, critic_net: c_grads}
-      if self.gan:   # a key of its own: without the GAN the other draws stay as they were
-        (_, d_aux), trained['disc'] = jax.value_and_grad(self._disc_loss, has_aux=True)(
-            params['disc'], batch, shots, jax.random.fold_in(sub, 2))
-        c_aux = dict(c_aux, **d_aux)
-      grads = {n: trained[n] if n in trained else jax.tree.map(jnp.zeros_like, v)
-               for n, v in params.items()}
+      grads = {n: (g_grads if n == gen_net else c_grads if n == critic_net else
+                   jax.tree.map(jnp.zeros_like, v)) for n, v in params.items()}
       updates, opt_state = tx.update(grads, state.opt_state, params)
       new = optax.apply_updates(params, updates)
       # Skipped generator steps: params and AdamW state exactly as before.
