@@ -18,7 +18,9 @@ reports per call of the piece, in JSON-able form:
               the scanned program never does.) `flops_scan_body_once` is the uncorrected
               number; `analytic_flops` the matmul count of `dit_flops`.
   seconds     the compiler's `optimal_seconds` (TPU only), corrected the same way, and the
-              implied frames per second of the piece.
+              implied frames per second of the piece; omitted (`cost_model` says why) where
+              the FLOP rate it implies is not a rate the chip can run at
+              (`implausible_seconds`).
   kernels     with `model.attention=splash` the attention runs in Pallas kernels, custom
               calls the cost model does not price: flops and seconds are then the rest of the
               program, and `analytic_attention_flops` the kernels' work (KERNEL_NOTE).
@@ -170,6 +172,45 @@ def compiled_costs(compiled) -> Dict[str, Optional[float]]:
   return {'flops': get('flops'), 'optimal_seconds': get('optimal_seconds')}
 
 
+# The compiler's optimal_seconds is taken as valid only where the FLOP rate it implies lies in
+# [MIN_PEAK_FRACTION, 1] of the chip's peak: on v5p every piece of this model came out at 25%
+# or more, while libtpu 0.0.42's v6e model gave 37 GFLOP/s (0.004%) for the caption K/V and a
+# negative time for the prefill.
+MIN_PEAK_FRACTION = 0.01
+
+
+def implausible_seconds(flops, seconds, topology: str) -> Optional[str]:
+  """Why the compiler's `seconds` for `flops` cannot be a time on this chip; None if it can
+  (or the chip, the FLOPs or the time is unknown)."""
+  chip = CHIPS.get(topology.split(':')[0])
+  if chip is None or seconds is None or not flops:
+    return None
+  if seconds <= 0:
+    return f'the compiler\'s cost model gave {seconds:.3g} s'
+  rate = flops / seconds / chip.bf16_flops
+  if not MIN_PEAK_FRACTION <= rate <= 1:
+    return (f'the compiler\'s cost model implies {rate:.2%} of the chip\'s peak FLOP/s '
+            f'(plausible: {MIN_PEAK_FRACTION:.0%} to 100%)')
+  return None
+
+
+def drop_implausible_seconds(out: dict, topology: str) -> None:
+  """Every time of a report set to None, with the reason in 'cost_model', where one of its
+  (FLOPs, time) pairs is implausible (`implausible_seconds`)."""
+  pairs = [(out.get('flops'), out.get('optimal_seconds')),
+           (out.get('shot_mean_flops'), out.get('shot_mean_optimal_seconds'))]
+  pairs += [(v.get('flops'), v.get('optimal_seconds')) for v in out.get('by_fill', {}).values()]
+  why = next(filter(None, (implausible_seconds(f, t, topology) for f, t in pairs)), None)
+  if why is None:
+    return
+  out['cost_model'] = f'{why}: times omitted'
+  for k in ('optimal_seconds', 'optimal_seconds_per_block', 'shot_mean_optimal_seconds'):
+    if k in out:
+      out[k] = None
+  for v in out.get('by_fill', {}).values():
+    v['optimal_seconds'] = None
+
+
 def with_layers(config, layers: int, unroll: int):
   c = config.copy_and_resolve_references()
   c.model.num_layers, c.model.scan_unroll = layers, unroll
@@ -201,6 +242,7 @@ def analyse(config, piece: str, topology: str = 'local') -> dict:
         float(np.mean([piece_flops(config, piece, f, attention_only=True)
                        for f in shot_fills(config)])) if piece == 'chunk' else
         piece_flops(config, piece, attention_only=True))
+  drop_implausible_seconds(out, topology)
   frames = _frames_per_call(config, piece)
   seconds = out.get('shot_mean_optimal_seconds', out.get('optimal_seconds'))
   if frames and seconds:

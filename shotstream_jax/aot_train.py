@@ -160,4 +160,5 @@ def analyse(config, topology: str = 'local', mesh: Optional[Sequence[int]] = Non
     if config.stage in LAYER_SCAN_ONLY:
       out['analytic_attention_forward_flops'] = teacher_attention_flops(config, mesh_shape)
   out.update(_costs(config, devices, mesh_shape, compiled, probes=costs))
+  aot.drop_implausible_seconds(out, topology)
   return out

@@ -126,6 +126,23 @@ def test_splash_training_step_compiles_sharded_over_a_tpu_mesh():
   assert 'tpu_custom_call' in compiled.as_text()
 
 
+def test_implausible_compiler_times_are_dropped():
+  # v5p, the measured prefill (README): 40.8 TFLOP in 0.308 s is 29% of the chip's peak.
+  assert aot.implausible_seconds(40.8e12, 0.308, 'v5p:2x2x1') is None
+  assert 'gave -352' in aot.implausible_seconds(23.5e12, -351.9, 'v6e:2x2')
+  assert '0.00%' in aot.implausible_seconds(1.08e12, 29.0, 'v6e:2x2')     # 37 GFLOP/s
+  assert 'peak' in aot.implausible_seconds(1e15, 0.1, 'v5p:2x2x1')       # faster than peak
+  assert aot.implausible_seconds(1e12, 29.0, 'local') is None             # no chip to judge by
+  report = {'flops': 1.08e12, 'optimal_seconds': 29.0, 'optimal_seconds_per_block': 1.0,
+            'by_fill': {'0': {'flops': 1e12, 'optimal_seconds': 0.01}}}
+  aot.drop_implausible_seconds(report, 'v6e:2x2')
+  assert report['optimal_seconds'] is None and report['optimal_seconds_per_block'] is None
+  assert report['by_fill']['0']['optimal_seconds'] is None and 'times omitted' in report['cost_model']
+  good = {'flops': 40.8e12, 'optimal_seconds': 0.308}
+  aot.drop_implausible_seconds(good, 'v5p:2x2x1')
+  assert good == {'flops': 40.8e12, 'optimal_seconds': 0.308}
+
+
 def test_attention_only_flops_are_the_attention_products():
   """dit_flops' attention part == the whole minus a call with no keys and no caption."""
   m = _tiny(2).model
