@@ -132,6 +132,7 @@ def test_implausible_compiler_times_are_dropped():
   assert 'gave -352' in aot.implausible_seconds(23.5e12, -351.9, 'v6e:2x2')
   assert '0.00%' in aot.implausible_seconds(1.08e12, 29.0, 'v6e:2x2')     # 37 GFLOP/s
   assert 'peak' in aot.implausible_seconds(1e15, 0.1, 'v5p:2x2x1')       # faster than peak
+  assert aot.implausible_seconds(2e6, 1e-5, 'v5p:2x2x1') is None          # tiny: latency-bound
   assert aot.implausible_seconds(1e12, 29.0, 'local') is None             # no chip to judge by
   report = {'flops': 1.08e12, 'optimal_seconds': 29.0, 'optimal_seconds_per_block': 1.0,
             'by_fill': {'0': {'flops': 1e12, 'optimal_seconds': 0.01}}}
