@@ -93,7 +93,9 @@ def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, k
   # cache chunk i read is the final cache cut to its first i chunks, so the exit forwards with
   # gradient run in a second scan against that one cache instead of inside the first, whose
   # backward would keep a copy of the whole local cache per chunk. Same numbers: the same K/V
-  # in the filled slots, and the attention never reads past the fill length.
+  # in the filled slots, and the attention never reads past the fill length. The price is one
+  # more forward a chunk: the exit forward runs without gradient in the scan (its x0 writes the
+  # cache) and again with gradient in the replay.
   block = sampler.chunk_frames * sampler.tokens_per_frame
   replay = sampler.num_chunks * block <= sampler.local_tokens
   final, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
