@@ -131,10 +131,9 @@ def piece_inputs(config, piece: str, sharding, fill: Optional[int] = None):
   local = jax.eval_shape(lambda: sampler.init_local(1))
   if fill is None:
     return sampler.chunk, _abstract((params, plan, global_cache, local, i32(), key), sharding)
-  block = m.chunk_frames * sampler.tokens_per_frame
 
   def chunk_at(p, pl, g, local_kv, k):
-    local_cache = cache_lib.KVCache(*local_kv, jnp.int32(fill * block))
+    local_cache = cache_lib.KVCache(*local_kv, jnp.int32(fill * sampler.chunk_tokens))
     return sampler.chunk(p, pl, g, local_cache, jnp.int32(fill), k)
   return chunk_at, _abstract((params, plan, global_cache, (local.k, local.v), key), sharding)
 

@@ -109,6 +109,17 @@ def test_gradient_reaches_only_the_exit_forward(exit_step, local_frames):
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(got)) > 0
 
 
+def test_local_before_needs_a_window_that_holds_the_shot():
+  _, sampler, _, _ = _setup()
+  final = sampler.init_local(1)
+  assert sampler.local_holds_shot and int(sampler.local_before(final, 1).length) == (
+      sampler.chunk_tokens)
+  _, ring, _, _ = _setup(3)
+  assert not ring.local_holds_shot
+  with pytest.raises(ValueError, match='local_frames'):
+    ring.local_before(ring.init_local(1), 1)
+
+
 def test_history_params_get_zero_gradient_but_change_the_output():
   """Weights used by the prefill, the earlier steps and the cache writes sit behind
   stop_gradient: the output depends on them, its gradient w.r.t. them is exactly zero."""

@@ -54,9 +54,12 @@ class CausalSampler:
     self.chunk_frames = model_cfg.chunk_frames
     self.num_chunks = sampling_cfg.shot_latent_frames // self.chunk_frames
     self.local_tokens = sampling_cfg.local_frames * self.tokens_per_frame
+    self.chunk_tokens = self.chunk_frames * self.tokens_per_frame
     # sampling.local_attention: 'filled' attends to the filled chunks only (block = a chunk)
-    self.local_block = (self.chunk_frames * self.tokens_per_frame
+    self.local_block = (self.chunk_tokens
                         if sampling_cfg.get('local_attention', 'filled') == 'filled' else 0)
+    # No chunk of a shot overwrites another's K/V: the window holds the whole shot.
+    self.local_holds_shot = self.num_chunks * self.chunk_tokens <= self.local_tokens
 
   # ------------------------------------------------------------------ pieces
 
@@ -89,8 +92,17 @@ class CausalSampler:
   def write_local(self, local_cache, kv, index):
     """Write chunk `index`'s K/V; a local window shorter than the shot is a ring buffer
     (attention ignores slot order, RoPE is already in the keys)."""
-    offset = (index * self.chunk_frames * self.tokens_per_frame) % self.local_tokens
+    offset = (index * self.chunk_tokens) % self.local_tokens
     return cache_lib.write(local_cache, kv, offset)
+
+  def local_before(self, final_cache, index):
+    """The local cache as chunk `index` read it, from the shot's final one: its first `index`
+    chunks (only where `local_holds_shot`: no slot was overwritten since)."""
+    if not self.local_holds_shot:
+      raise ValueError('local_before: sampling.local_frames is shorter than a shot (a ring '
+                       'buffer): earlier chunks were overwritten')
+    length = jnp.asarray(index, jnp.int32) * self.chunk_tokens
+    return cache_lib.KVCache(final_cache.k, final_cache.v, length)
 
   def noise_keys(self, key, index):
     """Keys of chunk `index`: [0] its starting noise, [i] the re-noising before step i."""

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax import context as context_lib
-from shotstream_jax.models import cache as cache_lib
 from shotstream_jax.models import dit
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
@@ -90,22 +89,20 @@ def rollout_shot(sampler: causal.CausalSampler, params, plan: causal.ShotPlan, k
     return sg(sampler.write_local(local, sg(kv), index)), (x if replay else x0)
 
   # Replay (the local window holds the whole shot, so no chunk's K/V is ever overwritten): the
-  # cache chunk i read is the final cache cut to its first i chunks, so the exit forwards with
-  # gradient run in a second scan against that one cache instead of inside the first, whose
-  # backward would keep a copy of the whole local cache per chunk. Same numbers: the same K/V
-  # in the filled slots, and the attention never reads past the fill length. The price is one
-  # more forward a chunk: the exit forward runs without gradient in the scan (its x0 writes the
-  # cache) and again with gradient in the replay.
-  block = sampler.chunk_frames * sampler.tokens_per_frame
-  replay = sampler.num_chunks * block <= sampler.local_tokens
+  # cache chunk i read is the final cache cut to its first i chunks (`local_before`), so the
+  # exit forwards with gradient run in a second scan against that one cache instead of inside
+  # the first, whose backward would keep a copy of the whole local cache per chunk. Same
+  # numbers: the same K/V in the filled slots, and the attention never reads past the fill
+  # length. The price is one more forward a chunk: the exit forward runs without gradient in
+  # the scan (its x0 writes the cache) and again with gradient in the replay.
+  replay = sampler.local_holds_shot
   final, xs = jax.lax.scan(body, sampler.init_local(b), jnp.arange(sampler.num_chunks))
   if replay:
     final = sg(final)
 
     def replayed(_, inputs):
       index, x = inputs
-      local = cache_lib.KVCache(final.k, final.v, (index * block).astype(jnp.int32))
-      return None, exit_forward(params, plan, local, index, x)
+      return None, exit_forward(params, plan, sampler.local_before(final, index), index, x)
 
     _, xs = jax.lax.scan(replayed, None, (jnp.arange(sampler.num_chunks), xs))
   xs = jnp.swapaxes(xs, 0, 1)
