@@ -129,6 +129,10 @@ def vae_config(preset: str) -> ml_collections.ConfigDict:
   else:
     v.base_dim = 8
     v.dim_mult = (1, 2, 2, 2)
+  # The decoder's width where it differs from the encoder's (0: base_dim, Wan's symmetric VAE).
+  # Every generated frame goes through the decoder only, so it can be widened (stage 0b, encoder
+  # frozen) without touching a latent the DiT stages train on.
+  v.decoder_base_dim = 0
   v.image_channels = 3
   v.norm_eps = 1e-12          # RMS norm: x / max(||x||, eps) * sqrt(C) * scale (F.normalize's eps)
   v.dtype = 'float32'         # compute dtype; params stay fp32

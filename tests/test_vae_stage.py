@@ -142,3 +142,33 @@ def test_latent_drift_matches_images_encoded_alone(data_dir):
   assert float(m['latent_drift']) > 0
   np.testing.assert_allclose(float(with_term), float(base) + 2.0 * float(m['latent_drift']),
                              rtol=1e-5)
+
+
+def test_stage_0b_gives_an_exported_vae_a_wider_decoder(data_dir, tmp_path):
+  """Stage 0b from an exported VAE file with `fresh_decoder` and a wider `vae.decoder_base_dim`:
+  the encoder and quant conv are the file's bit for bit (so every latent stays what the DiT
+  stages trained on), the decoder is new and of the configured width; without `fresh_decoder`
+  the narrow file does not load into the wide config."""
+  from safetensors import numpy as st_numpy   # pylint: disable=g-import-not-at-top
+  c = _config(data_dir)
+  vae = vae_lib.WanVAE(c.vae)
+  params = jax.tree.map(np.asarray, vae_lib.init_params(vae, jax.random.key(0)))
+  path = str(tmp_path / 'vae.safetensors')
+  st_numpy.save_file(convert_vae.vae_to_torch(params, c.vae), path)
+  wide_fields = {'vae_train.init_from': path, 'vae.decoder_base_dim': 8}
+  wide = _config(data_dir, **wide_fields, **{'vae_train.fresh_decoder': True})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  got = vae_stage.VaeStage(wide, str(tmp_path / 'w')).init_params(jax.random.key(1),
+                                                                  {'vae': device})['vae']
+  for name in ('encoder', 'quant_conv'):
+    jax.tree.map(np.testing.assert_array_equal, got[name], params[name])
+  assert got['decoder']['conv_in']['kernel'].shape[-1] == 8 * c.vae.dim_mult[-1]
+  assert params['decoder']['conv_in']['kernel'].shape[-1] == 4 * c.vae.dim_mult[-1]
+  wide_vae = vae_lib.WanVAE(wide.vae)
+  video = jax.random.uniform(jax.random.key(2), (1, 5, 16, 16, 3), minval=-1, maxval=1)
+  lat = vae_lib.encode(wide_vae, got, video)
+  np.testing.assert_array_equal(lat, vae_lib.encode(vae, params, video))
+  assert vae_lib.decode(wide_vae, got, lat).shape == video.shape
+  with pytest.raises(ValueError, match=r'wrong shapes: decoder\.'):
+    vae_stage.VaeStage(_config(data_dir, **wide_fields), str(tmp_path / 'x')).init_params(
+        jax.random.key(1), {'vae': device})

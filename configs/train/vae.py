@@ -38,7 +38,8 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   v.full_shots = 2            # ... and the first `full_shots` of a batch also their whole shot
   v.eval_batches = 4          # held-out batches per evaluation (0 = the whole split)
   v.stat_clips = 256          # training shots measuring the latent statistics at export
-  v.init_from = ''            # '' = random init; a stage-0 workdir to train on (stage 0b)
+  v.init_from = ''            # '' = random init; a stage-0 workdir or exported VAE file (stage 0b)
+  v.fresh_decoder = False     # stage 0b: a new decoder (e.g. vae.decoder_base_dim wider), encoder kept
 
   c.optim.vae = common.adamw(lr=2e-3, clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99)
   c.optim.vae.warmup_steps = 50 if preset == 'storyworld' else 1

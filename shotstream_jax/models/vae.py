@@ -329,7 +329,8 @@ class Decoder(nn.Module):
     cfg = self.cfg
     dt = dtype_of(cfg.dtype, 'vae.dtype')
     mult = tuple(cfg.dim_mult)
-    dims = [cfg.base_dim * m for m in (mult[-1],) + mult[::-1]]
+    base = decoder_base_dim(cfg)
+    dims = [base * m for m in (mult[-1],) + mult[::-1]]
     new = {}
     x, new['conv_in'] = CausalConv(dims[0], dtype=dt, name='conv_in')(x, _sub(cache, 'conv_in'))
     x, new['mid'] = MidBlock(cfg, name='mid')(x, _sub(cache, 'mid'))
@@ -415,6 +416,11 @@ def _check_latents(latents, cfg):
   if latents.ndim != 5 or latents.shape[-1] != cfg.z_dim or latents.shape[1] == 0:
     raise ValueError(f'latents: expected [B, T>0, h, w, {cfg.z_dim}] (channels last), '
                      f'got shape {tuple(latents.shape)}')
+
+
+def decoder_base_dim(cfg) -> int:
+  """The decoder's base width: `cfg.decoder_base_dim`, or the encoder's `base_dim` when 0."""
+  return cfg.get('decoder_base_dim', 0) or cfg.base_dim
 
 
 def spatial_factor(cfg) -> int:

@@ -47,6 +47,7 @@ from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import data as data_lib
 
 VAE = 'vae'
+DECODER_MODULES = ('decoder', 'post_quant_conv')   # what `vae_train.fresh_decoder` re-initialises
 STATS_FILE = 'latent_stats.json'
 
 
@@ -185,22 +186,39 @@ class VaeStage:
     return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
 
   def init_params(self, key, shardings):
-    if self.config.vae_train.init_from:   # stage 0b: go on from a trained VAE
-      from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
-      params = init_lib.restore_networks(self.config.vae_train.init_from, [VAE],
-                                         field='vae_train.init_from')[VAE]
-      want = jax.tree.structure(vae_lib.param_shapes(self.vae))
-      if jax.tree.structure(params) != want:
-        raise ValueError(f'vae_train.init_from: {self.config.vae_train.init_from} holds a VAE '
-                         'of another architecture than this config\'s vae section')
-      return {VAE: jax.device_put(params, shardings[VAE])}
     gain = self.config.vae_train.init_gain
 
     def init(k):
       params = vae_lib.init_params(self.vae, k)
       return jax.tree_util.tree_map_with_path(
           lambda path, x: x * gain if path[-1].key == 'kernel' else x, params)
-    return {VAE: jax.jit(init, out_shardings=shardings[VAE])(key)}
+    fresh = jax.jit(init, out_shardings=shardings[VAE])(key)
+    if not self.config.vae_train.init_from:
+      return {VAE: fresh}
+    params = self._restore_init()   # stage 0b: go on from a trained VAE
+    if self.config.vae_train.fresh_decoder:
+      params = dict(params, **{k: fresh[k] for k in DECODER_MODULES})
+    return {VAE: jax.device_put(params, shardings[VAE])}
+
+  def _restore_init(self) -> dict:
+    """The VAE of `vae_train.init_from`: a stage-0 workdir, or an exported VAE file (its
+    statistics folded in, so this config's normalisation must be the identity, as stage 0's).
+    With `fresh_decoder` its decoder may be narrower than this config's (it is replaced)."""
+    vt = self.config.vae_train
+    source_cfg = self.config.vae
+    if vt.fresh_decoder:   # read the source with its own (symmetric, stage-0) decoder
+      source_cfg = source_cfg.copy_and_resolve_references()
+      source_cfg.decoder_base_dim = 0
+    if os.path.isfile(vt.init_from):
+      from shotstream_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
+      return vae_convert.load_vae(vt.init_from, source_cfg)
+    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+    params = init_lib.restore_networks(vt.init_from, [VAE], field='vae_train.init_from')[VAE]
+    want = jax.tree.map(lambda s: s.shape, vae_lib.param_shapes(vae_lib.WanVAE(source_cfg)))
+    if jax.tree.map(np.shape, params) != want:
+      raise ValueError(f'vae_train.init_from: {vt.init_from} holds a VAE of another '
+                       'architecture than this config\'s vae section')
+    return params
 
   def loss(self, params, batch, key):
     return self.loss_fn(params[VAE], batch, key)
@@ -260,6 +278,16 @@ def fold_latent_stats(params, mean, std):
   return dict(params, quant_conv=q, post_quant_conv=pq)
 
 
+NORMALISED_TOL = 1e-4   # |mean| and |std - 1| under this: latents already normalised
+
+
+def _normalised(stats) -> bool:
+  """Whether measured latents already have mean 0 and std 1 (an encoder whose statistics were
+  folded in by an earlier export): folding them again would only add rounding to every latent."""
+  return bool(np.all(np.abs(stats['mean']) < NORMALISED_TOL)
+              and np.all(np.abs(np.asarray(stats['std']) - 1) < NORMALISED_TOL))
+
+
 def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dict[str, list]:
   """Write the trained VAE of `workdir`, latent statistics folded in, as a Wan2.1-layout
   safetensors file (`out_path`) plus `<out_path minus .safetensors>.stats.json`; returns the
@@ -284,8 +312,12 @@ def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dic
   n = min(num_clips, len(sources['train']))
   clips = [example(sources['train'][i], rng)['shot'] for i in range(n)]
   stats = latent_stats(vae, params, clips)
-  folded = fold_latent_stats(params, stats['mean'], stats['std'])
-  state = vae_convert.vae_to_torch(folded, config.vae)
+  if _normalised(stats):   # e.g. stage 0b on an exported VAE: keep its latents bit for bit
+    stats['folded'] = False
+  else:
+    params = fold_latent_stats(params, stats['mean'], stats['std'])
+    stats['folded'] = True
+  state = vae_convert.vae_to_torch(params, config.vae)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   tmp = out_path + '.tmp'
   st_numpy.save_file(state, tmp)
