@@ -109,6 +109,7 @@ def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path
     ('vae_train.l1', -1.0, 'vae_train.l1'),
     ('vae_train.temporal_consistency', -0.5, 'vae_train.temporal_consistency'),
     ('vae_train.init_gain', 0.0, 'vae_train.init_gain'),
+    ('vae_train.edge', -1.0, 'vae_train.edge'),
     ('data.source', 'precomputed', 'data.source'),
     ('vae_train.clip_frames', 4, 'vae_train.clip_frames'),
     ('vae_train.full_shots', 3, 'vae_train.full_shots'),
@@ -172,3 +173,30 @@ def test_stage_0b_gives_an_exported_vae_a_wider_decoder(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r'wrong shapes: decoder\.'):
     vae_stage.VaeStage(_config(data_dir, **wide_fields), str(tmp_path / 'x')).init_params(
         jax.random.key(1), {'vae': device})
+
+
+def test_edge_error_is_the_l1_of_gradient_differences(data_dir):
+  """edge_error against a loop over neighbouring pixels; the loss adds weight x edge exactly; a
+  square rounded at its corners costs more edge error than the same error spread evenly."""
+  rng = np.random.default_rng(0)
+  y, x = rng.normal(size=(2, 2, 3, 6, 5, 3)).astype(np.float32)
+  err = y - x
+  want = 0.0
+  for axis in (2, 3):
+    a = np.moveaxis(err, axis, 0)
+    want += np.mean([np.abs(a[i + 1] - a[i]) for i in range(a.shape[0] - 1)])
+  np.testing.assert_allclose(float(vae_stage.edge_error(err)), want, rtol=1e-5)
+  corner = np.zeros((1, 1, 8, 8, 1), np.float32)
+  corner[0, 0, 2, 2] = corner[0, 0, 2, 5] = corner[0, 0, 5, 2] = corner[0, 0, 5, 5] = -1.0
+  spread = np.full_like(corner, float(np.mean(np.abs(corner))))   # same L1, no structure
+  assert float(vae_stage.edge_error(corner)) > float(vae_stage.edge_error(spread)) + 0.1
+  c = _config(data_dir)
+  vae = vae_lib.WanVAE(c.vae)
+  params = vae_lib.init_params(vae, jax.random.key(0))
+  clip = rng.integers(0, 256, size=(2, 5, 16, 16, 3), dtype=np.uint8)
+  batch = {'clip': clip, 'shot': None}
+  kw = dict(l1=1.0, mse=1.0, latent_l2=0.0, full_shots=0)
+  base, _ = vae_stage.reconstruction_loss(vae, params, batch, None, **kw)
+  with_term, m = vae_stage.reconstruction_loss(vae, params, batch, None, **kw, edge=0.5)
+  assert float(m['edge']) > 0
+  np.testing.assert_allclose(float(with_term), float(base) + 0.5 * float(m['edge']), rtol=1e-5)

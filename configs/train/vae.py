@@ -33,6 +33,7 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   # encoded alone, so latents carry no time position (training/vae_stage.py docstring).
   # storyworld: held-out drift 1.79 -> 0.04 at equal PSNR (README: eighth attempt).
   v.temporal_consistency = 0.1 if preset == 'storyworld' else 0.0
+  v.edge = 0.0                # + edge x L1 of the error's spatial differences (sharp corners)
   v.init_gain = 3.0 ** 0.5    # kernels x gain at init (torch init / sqrt 3 -> variance 1/fan_in)
   v.clip_frames = 5           # every example: a random window of this many frames (4k+1) ...
   v.full_shots = 2            # ... and the first `full_shots` of a batch also their whole shot

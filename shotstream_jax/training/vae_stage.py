@@ -21,7 +21,8 @@ receptive field): a perfectly static StoryWorld shot gave consecutive latents di
 0.2-1.2 of the latent variance, so every DiT stage had to learn an arbitrary code per frame
 index, and the context frames (each encoded alone) and stage 1a's images spoke another code
 than the frames a shot generates. With the term a latent is, up to motion, the image latent of
-its frame. Held-out metrics run the deployed
+its frame. Optionally (`edge`, off by default) `edge_error`, which charges rounded corners.
+Held-out metrics run the deployed
 path (chunked encode, decode clipped to [-1, 1]) on whole shots: PSNR and L1 in [0, 1] units.
 
 Init: the modules' torch-like init draws kernels with variance 1/(3 fan_in); at the small
@@ -99,21 +100,24 @@ def latent_drift(vae, params, x, mu):
 
 
 def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, latent_l2: float,
-                        full_shots: int, temporal_consistency: float = 0.0):
+                        full_shots: int, temporal_consistency: float = 0.0, edge: float = 0.0):
   """Weighted L1 + MSE over every trained frame (the clips and `full_shots` whole shots),
-  the latent scale term and, with `temporal_consistency` > 0, the latent drift (module
-  docstring), averaged over the views."""
+  the latent scale term, with `temporal_consistency` > 0 the latent drift (module docstring)
+  and with `edge` > 0 the L1 of the error's spatial differences (`edge_error`), averaged over
+  the views."""
   del key
   views = [to_unit(batch['clip'])]
   if full_shots:
     views.append(to_unit(batch['shot'][:full_shots]))
-  sums, frames, latent, drift = {'l1': 0.0, 'mse': 0.0}, 0, [], []
+  sums, frames, latent, drift = {'l1': 0.0, 'mse': 0.0, 'edge': 0.0}, 0, [], []
   for x in views:
     mu, y = _autoencode(vae, params, x)
     err = y.astype(jnp.float32) - x
     n = x.shape[0] * x.shape[1]
     sums['l1'] += jnp.mean(jnp.abs(err)) * n
     sums['mse'] += jnp.mean(err * err) * n
+    if edge:
+      sums['edge'] += edge_error(err) * n
     frames += n
     latent.append(jnp.mean(jnp.square(mu.astype(jnp.float32))))
     if temporal_consistency:
@@ -125,7 +129,18 @@ def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, laten
   if temporal_consistency:
     metrics['latent_drift'] = sum(drift) / len(drift)
     loss = loss + temporal_consistency * metrics['latent_drift']
+  if edge:
+    metrics['edge'] = sums['edge'] / frames
+    loss = loss + edge * metrics['edge']
   return loss, metrics
+
+
+def edge_error(err):
+  """Mean |difference of neighbouring pixels| of the error err [B, T, H, W, C], along H and W:
+  the L1 between the reconstruction's and the input's spatial gradients. Why: L1 + MSE weigh a
+  small protagonist's corners (a few pixels of a frame) as little as any pixel, and rounding
+  them costs almost nothing; this term charges every misplaced edge."""
+  return (jnp.mean(jnp.abs(jnp.diff(err, axis=2))) + jnp.mean(jnp.abs(jnp.diff(err, axis=3))))
 
 
 def _psnr(mse01):
@@ -153,7 +168,7 @@ class VaeStage:
     if config.data.source != 'storyworld':
       raise ValueError(f'data.source: the VAE stage trains on StoryWorld pixels; got '
                        f'{config.data.source!r}, accepted: storyworld')
-    for name in ('l1', 'mse', 'latent_l2', 'temporal_consistency'):
+    for name in ('l1', 'mse', 'latent_l2', 'temporal_consistency', 'edge'):
       if vt[name] < 0:
         raise ValueError(f'vae_train.{name}: must be >= 0, got {vt[name]}')
     if vt.l1 + vt.mse <= 0:
@@ -180,7 +195,8 @@ class VaeStage:
                                       clip_frames=vt.clip_frames)
     self.loss_fn = functools.partial(reconstruction_loss, self.vae, l1=vt.l1, mse=vt.mse,
                                      latent_l2=vt.latent_l2, full_shots=vt.full_shots,
-                                     temporal_consistency=vt.temporal_consistency)
+                                     temporal_consistency=vt.temporal_consistency,
+                                     edge=vt.edge)
 
   def boxed_shapes(self):
     return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
