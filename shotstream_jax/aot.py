@@ -145,6 +145,14 @@ def compile_piece(config, piece: str, device, fill: Optional[int] = None):
   return jax.jit(fn).lower(*args).compile()
 
 
+def out_of_memory(error) -> str:
+  """The message of a TPU compiler's refusal for lack of HBM (its last line, which names the
+  temporaries needed); any other compile error is raised again."""
+  if 'RESOURCE_EXHAUSTED' not in str(error):
+    raise error
+  return str(error).strip().splitlines()[-1]
+
+
 def memory_report(compiled, topology: str) -> dict:
   """{'memory': per-device bytes of a compiled program (argument, output, alias, temp,
   generated code; `total` = argument + output - alias + temp; for a TPU topology the chip's
@@ -222,10 +230,13 @@ def with_layers(config, layers: int, unroll: int):
 def analyse(config, piece: str, topology: str = 'local') -> dict:
   """The report of the module docstring for one piece on one chip of `topology`."""
   device = target_devices(topology)[0]
-  compiled = compile_piece(config, piece, device)
   out = {'piece': piece, 'topology': topology, 'device': str(getattr(device, 'device_kind', device)),
-         'dtype': config.model.dtype, 'attention': config.model.attention,
-         **memory_report(compiled, topology)}
+         'dtype': config.model.dtype, 'attention': config.model.attention}
+  try:
+    compiled = compile_piece(config, piece, device)
+  except jax.errors.JaxRuntimeError as e:
+    return dict(out, fits=False, memory={}, compile_error=out_of_memory(e))
+  out.update(memory_report(compiled, topology))
   costs = compiled_costs(compiled)
   out['flops_scan_body_once'] = costs['flops']
   if piece == 'shot':   # a scan over chunks around the scan over layers: see `shot_totals`

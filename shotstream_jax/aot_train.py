@@ -151,9 +151,7 @@ def analyse(config, topology: str = 'local', mesh: Optional[Sequence[int]] = Non
   try:
     compiled = compile_step(config, devices, mesh_shape)
   except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses what cannot fit
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
-    return dict(out, fits=False, memory={}, compile_error=str(e).strip().splitlines()[-1])
+    return dict(out, fits=False, memory={}, compile_error=aot.out_of_memory(e))
   out.update(aot.memory_report(compiled, topology))
   if config.model.attention.startswith('splash'):
     out['kernels'] = KERNEL_NOTE

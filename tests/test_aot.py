@@ -168,3 +168,15 @@ def test_cli_prints_json_and_rejects_bad_flags():
     bad = run(flag)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: {message}')
+
+
+def test_out_of_memory_reports_the_refusal_and_reraises_the_rest():
+  """A TPU compiler's refusal for lack of HBM becomes a report line (`fits: false`), naming the
+  temporaries it needed; any other compile error is raised again."""
+  refusal = jax.errors.JaxRuntimeError(
+      'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error.\nRan out of memory on HBM, the '
+      'total memory required for HLO temporaries (22.71G) exceeds available HBM (15.75G).')
+  assert aot.out_of_memory(refusal).endswith('exceeds available HBM (15.75G).')
+  other = jax.errors.JaxRuntimeError('INTERNAL: something else')
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    aot.out_of_memory(other)
