@@ -204,22 +204,22 @@ class VaeStage:
   def init_params(self, key, shardings):
     gain = self.config.vae_train.init_gain
 
-    def init(k):
-      params = vae_lib.init_params(self.vae, k)
+    @functools.partial(jax.jit, out_shardings=shardings[VAE])
+    def fresh():   # only where needed: a restored VAE keeps everything but a fresh decoder
+      params = vae_lib.init_params(self.vae, key)
       return jax.tree_util.tree_map_with_path(
           lambda path, x: x * gain if path[-1].key == 'kernel' else x, params)
-    fresh = jax.jit(init, out_shardings=shardings[VAE])(key)
     if not self.config.vae_train.init_from:
-      return {VAE: fresh}
+      return {VAE: fresh()}
     params = self._restore_init()   # stage 0b: go on from a trained VAE
     if self.config.vae_train.fresh_decoder:
-      params = dict(params, **{k: fresh[k] for k in DECODER_MODULES})
+      new = fresh()
+      params = dict(params, **{k: new[k] for k in DECODER_MODULES})
     return {VAE: jax.device_put(params, shardings[VAE])}
 
   def _restore_init(self) -> dict:
-    """The VAE of `vae_train.init_from`: a stage-0 workdir, or an exported VAE file (its
-    statistics folded in, so this config's normalisation must be the identity, as stage 0's).
-    With `fresh_decoder` its decoder may be narrower than this config's (it is replaced)."""
+    """The VAE of `vae_train.init_from`: a stage-0 workdir or a VAE file (e.g. an exported
+    one). With `fresh_decoder` its decoder may be narrower than this config's (it is replaced)."""
     vt = self.config.vae_train
     source_cfg = self.config.vae
     if vt.fresh_decoder:   # read the source with its own (symmetric, stage-0) decoder
@@ -307,7 +307,8 @@ def _normalised(stats) -> bool:
 def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dict[str, list]:
   """Write the trained VAE of `workdir`, latent statistics folded in, as a Wan2.1-layout
   safetensors file (`out_path`) plus `<out_path minus .safetensors>.stats.json`; returns the
-  measured stats. `num_clips` training shots (in order) measure them."""
+  measured stats (`folded`: False where they already were 0 / 1, see `_normalised`, and the
+  params are written as trained). `num_clips` training shots (in order) measure them."""
   # pylint: disable=g-import-not-at-top
   from safetensors import numpy as st_numpy
   from shotstream_jax.convert import vae as vae_convert
