@@ -13,7 +13,9 @@ teacher's examples); the generator rolls the shot out chunk by chunk (rollout.ro
 stops every chunk at one exit step drawn per iteration. Stage 4 ('dmd_inter'): the first
 `dmd.num_shots` shots of a story are rolled out in order; each later shot's context comes from
 the decoded and re-encoded outputs of this rollout (rollout.history_context), and the losses
-cover every shot (stories with fewer shots are masked).
+cover every shot (stories with fewer shots are masked). The generator's gradient is taken shot
+by shot (`_generator_grads`): the same numbers as the joint loss's, with one shot's backward
+residuals in memory instead of every shot's.
 
 Every step: the critic's flow loss on stop_gradient generator samples. Every
 `dmd.generator_every` steps (state.step % N == 0, as the reference's
@@ -284,38 +286,51 @@ class DmdStage:
     n = len(self.config.sampling.denoising_steps)
     return [rollout.draw_exit_step(jax.random.fold_in(key, i), n) for i in range(count)]
 
-  def _rollout(self, gen_params, batch, key, vae_params):
-    """[(latents [B, F, ...], FrameConcat, caption table, mask [B])] per rolled-out shot."""
-    k_exit, k_roll = jax.random.split(key)
+  def _shot_plan(self, gen_params, batch, decoded, vae_params):
+    """(plan, caption table, mask [B]) of the next shot to roll out: stage 3's one shot with
+    its ground-truth context; in stage 4, shot len(decoded) with the context chosen from the
+    decoded shots before it. Every shot has the same length, so the context choice is the same
+    for the whole batch."""
     if not self.inter:
       plan, table = self._plan(gen_params, batch['ctx_latents'], batch['ctx_shot'],
                                batch['ctx_caption'], batch['gen_shot'], batch['gen_caption'],
                                batch['text'])
-      roll = rollout.rollout_shot(self.sampler, gen_params, plan, k_roll,
-                                  self._exit_steps(k_exit, 1)[0])
-      ones = jnp.ones(plan.gen_shot.shape, jnp.float32)
-      return [(roll.latents, rollout.frameconcat(plan, roll.latents.shape[1]), table, ones)]
-    # Stage 4, as rollout.rollout_story but with per-example caption tables. Every shot has
-    # the same length, so the context choice is the same for the whole batch.
-    m = self.config.model
-    text, mask = batch['text'], batch['shot_mask']
-    b, num_shots = text.shape[:2]
-    exits = self._exit_steps(k_exit, num_shots)
+      return plan, table, jnp.ones(plan.gen_shot.shape, jnp.float32)
+    m, text = self.config.model, batch['text']
+    b = text.shape[0]
     rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
+    ctx, choice = rollout.history_context(self.vae, vae_params, decoded,
+                                          m.context_frames,
+                                          (b,) + self.latent_hw + (m.in_channels,))
+    plan, table = self._plan(gen_params, ctx, rep(choice.ctx_shot), rep(choice.ctx_caption),
+                             rep(choice.gen_shot), rep(choice.gen_caption),
+                             text[:, np.asarray(choice.caption_shots)])
+    return plan, table, batch['shot_mask'][:, len(decoded)]
+
+  def _shots(self, gen_params, batch, key, vae_params, roll_out, carry=None):
+    """Rolls out every shot in order (stage 4 as rollout.rollout_story, with per-example
+    caption tables); `roll_out(carry, s, plan, table, mask, key, exit_step)` gives (carry,
+    shot s's latents [B, F, ...]). Returns ([(sg latents, FrameConcat, table, mask [B])] per
+    shot, the final carry)."""
+    k_exit, k_roll = jax.random.split(key)
+    num_shots = batch['text'].shape[1] if self.inter else 1
+    exits = self._exit_steps(k_exit, num_shots)
     decoded, shots = [], []
     for s in range(num_shots):
-      ctx, choice = rollout.history_context(self.vae, vae_params, decoded, m.context_frames,
-                                            (b,) + self.latent_hw + (m.in_channels,))
-      plan, table = self._plan(gen_params, ctx, rep(choice.ctx_shot), rep(choice.ctx_caption),
-                               rep(choice.gen_shot), rep(choice.gen_caption),
-                               text[:, np.asarray(choice.caption_shots)])
-      roll = rollout.rollout_shot(self.sampler, gen_params, plan, jax.random.fold_in(k_roll, s),
-                                  exits[s])
-      shots.append((roll.latents, rollout.frameconcat(plan, roll.latents.shape[1]), table,
-                    mask[:, s]))
+      plan, table, mask = self._shot_plan(gen_params, batch, decoded, vae_params)
+      k = jax.random.fold_in(k_roll, s) if self.inter else k_roll
+      carry, x = roll_out(carry, s, plan, table, mask, k, exits[s])
+      x = sg(x)
+      shots.append((x, rollout.frameconcat(plan, x.shape[1]), table, mask))
       if s + 1 < num_shots:
-        decoded.append(sg(vae_lib.decode(self.vae, vae_params, sg(roll.latents))))
-    return shots
+        decoded.append(sg(vae_lib.decode(self.vae, vae_params, x)))
+    return shots, carry
+
+  def _rollout(self, gen_params, batch, key, vae_params):
+    """The shots of a step without gradient (the critic's samples on other steps)."""
+    roll_out = lambda carry, s, plan, table, mask, k, exit_step: (carry, rollout.rollout_shot(
+        self.sampler, gen_params, plan, k, exit_step).latents)
+    return self._shots(gen_params, batch, key, vae_params, roll_out)[0]
 
   # ------------------------------------------------------------------ losses
 
@@ -323,21 +338,46 @@ class DmdStage:
   def _frames_mask(mask, x):
     return jnp.broadcast_to(mask[:, None], x.shape[:2])
 
-  def _generator_loss(self, train_p, params, batch, key):
-    """(DMD loss over all rolled-out shots, (sg samples, metrics))."""
-    p = self._with(params, self.gen_net, train_p)
+  def _generator_grads(self, params, batch, key):
+    """(loss, sg shots, metrics, gradient w.r.t. params[gen_net]) of the generator's DMD loss:
+    the mean over all rolled-out shots' frames (stories with fewer shots masked).
+
+    A shot's loss reaches the generator only through its own exit forwards (its history,
+    context and caption K/V carry no gradient), so the gradient of the mean is the
+    mask-weighted sum of per-shot gradients. They are taken one shot at a time, each finished
+    before the next shot is rolled out (an optimization barrier orders them), so only one
+    shot's backward residuals are alive at once instead of every shot's: what stage 4's memory
+    grows with at `wan_1_3b` (README: training steps ahead of time). Equal to the gradient of
+    the joint loss (tests/test_train_dmd.py)."""
+    gen_net = self.gen_net
     k_roll, k_score = jax.random.split(key)
-    shots = self._rollout(merged_params(self.config, p), batch, k_roll, params.get('vae'))
+    gen = sg(merged_params(self.config, params))
     teacher, critic = sg(params['teacher']), sg(merged_params(self.config, params, 'critic'))
-    total, weight = 0.0, 0.0
-    for s, (x, cond, table, mask) in enumerate(shots):
+    b = batch['text'].shape[0]
+    weight = jnp.maximum(jnp.sum(batch['shot_mask']), 1.0) if self.inter else float(b)
+
+    def shot_loss(train_p, s, plan, table, mask, k, exit_step):
+      p = merged_params(self.config, self._with(params, gen_net, train_p))
+      x = rollout.rollout_shot(self.sampler, p, plan, k, exit_step).latents
       loss, aux = losses.generator_dmd_loss(
-          self.config.model, x, teacher, critic, cond, table, self.uncond_text,
-          jax.random.fold_in(k_score, s), self.score_cfg, mask=self._frames_mask(mask, x))
-      n = jnp.sum(mask)
-      total, weight = total + n * loss, weight + n
-    loss = total / jnp.maximum(weight, 1.0)
-    return loss, (sg(shots), {'dmd_loss': loss, 'dmd_grad_abs_mean': aux['dmd_grad_abs_mean']})
+          self.config.model, x, teacher, critic, rollout.frameconcat(plan, x.shape[1]), table,
+          self.uncond_text, jax.random.fold_in(k_score, s), self.score_cfg,
+          mask=self._frames_mask(mask, x))
+      return jnp.sum(mask) * loss / weight, (x, aux)
+
+    def roll_out(carry, s, plan, table, mask, k, exit_step):
+      total, grads_so_far, _ = carry
+      (loss, (x, aux)), grads = jax.value_and_grad(shot_loss, has_aux=True)(
+          params[gen_net], s, plan, table, mask, k, exit_step)
+      grads = jax.tree.map(jnp.add, grads_so_far, grads)
+      # The next shot starts from x: it waits for this shot's gradient, whose residuals die.
+      grads, x = jax.lax.optimization_barrier((grads, x))
+      return (total + loss, grads, aux['dmd_grad_abs_mean']), x
+
+    zeros = jax.tree.map(jnp.zeros_like, params[gen_net])
+    shots, (loss, grads, grad_abs_mean) = self._shots(
+        gen, batch, k_roll, params.get('vae'), roll_out, (jnp.zeros((), jnp.float32), zeros, None))
+    return loss, shots, {'dmd_loss': loss, 'dmd_grad_abs_mean': grad_abs_mean}, grads
 
   def _critic_loss(self, train_p, params, shots, key):
     """Flow loss of the critic on the generator's samples (masked mean over shots)."""
@@ -370,8 +410,7 @@ class DmdStage:
       is_gen = state.step % every == 0
 
       def generator_branch(_):
-        (loss, (shots, aux)), grads = jax.value_and_grad(
-            self._generator_loss, has_aux=True)(params[gen_net], params, batch, k_gen)
+        loss, shots, aux, grads = self._generator_grads(params, batch, k_gen)
         return grads, shots, dict(aux, generator_loss=loss)
 
       def sample_branch(_):
