@@ -8,7 +8,8 @@ Sections:
 `tiny` is sized for tests and CPU training in minutes: 32x32 frames, 9 pixel frames per shot
 (= 3 latent frames after the VAE's 4x temporal compression = one student chunk).
 `storyworld` is the data of the embedded default model (configs/shotstream.py:storyworld):
-32x32, 21 frames per shot (6 latent frames = 2 chunks), 2-4 shots, 2000 training stories.
+32x32, 11 frames per shot (6 latent frames = 2 chunks after its VAE's 2x temporal compression),
+2-4 shots, 2000 training stories.
 """
 
 import ml_collections

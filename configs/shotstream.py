@@ -5,7 +5,7 @@ in `launch/`, and imported directly by tests (`from configs import shotstream`).
 
 Presets:
   storyworld  the embedded default: Wan's architectures scaled to train end to end on a 2-core
-              CPU on StoryWorld (32x32 video, 21 frames per shot); trained weights ship in
+              CPU on StoryWorld (32x32 video, 11 frames per shot); trained weights ship in
               weights/storyworld/ (launch/reproduce.py makes them from nothing)
   tiny        random-weight shape tests, milliseconds per call
   wan_1_3b    Wan2.1-T2V-1.3B and the published ShotStream

@@ -2,8 +2,8 @@
 embedded default, fits the repository, and what it generates beats fixed floors on the judge.
 
 The floors guard the shipped model against regressions: they sit below what it scores on this
-3-story sample (seed 0: overall 0.71, identity 0.67, adherence 0.41, found 0.78, i.e. 7 of 9
-shots found; harness, 32 stories: 0.52 / 0.20 / 0.34 / 0.54), with room for a shot or two to
+3-story sample (seed 0: overall 0.72, identity 0.57, adherence 0.52, found 0.78, i.e. 7 of 9
+shots found; harness, 32 stories: 0.53 / 0.21 / 0.37 / 0.54), with room for a shot or two to
 flip between machines (found 0.55 = 5 of 9), and
 far above anything an untrained or broken model reaches (random weights score 0 on every one
 of them: no shot is found as a scene). They are not the issue's targets (0.9 on the harness),
@@ -53,7 +53,7 @@ def test_shipped_files():
   manifest = embedded.read_manifest(directory)
   assert manifest['preset'] == 'storyworld'
   assert sum(manifest['bytes'].values()) < MAX_BYTES
-  assert manifest['harness']['rows']['stage 4 student']['overall'] >= 0.45   # measured 0.52
+  assert manifest['harness']['rows']['stage 4 student']['overall'] >= 0.45   # measured 0.53
 
 
 def _scores(video, story_dict):

@@ -3,7 +3,8 @@
   python launch/train.py --config=configs/train/vae.py:storyworld --workdir=out/sw/vae
 
 The published chain starts from Wan's pretrained VAE; the `storyworld` preset trains its own
-(configs/shotstream.py:storyworld vae section; training/vae_stage.py) on whole 21-frame shots.
+(configs/shotstream.py:storyworld vae section; training/vae_stage.py) on 5-frame windows and
+whole 11-frame shots.
 `tiny` is the same stage on the tiny VAE and 9-frame shots, for tests.
 """
 

@@ -9,9 +9,10 @@ story's attributes, and a score is earned only by what the parse finds:
     the frame border must show exactly two palette colours (the setting's); the protagonist is
     the largest connected blob of other pixels, of a plausible size, near the centre, compact;
   * attributes of a found shot: the setting's two colours and its kind (vertical stripes =
-    room, checker = street, dots = field), the protagonist's shape (silhouette against the four
-    canonical shapes), its colours (body, plus the texture's if any: stripes split the body
-    half and half, so the two are a set) and texture kind (solid / stripes / dot);
+    room, checker = street, dots = field), the protagonist's shape (its rotational symmetry,
+    from blur-invariant moments of its soft mass), its colours (body, plus the texture's if
+    any: stripes split the body half and half, so the two are a set) and texture kind (solid /
+    stripes / dot);
   * identity: every later shot against the first, the share of the five attributes that agree
     (colour sets by Jaccard; 0 for a shot that shows no scene). The texture, its colour and
     the setting's colours are never captioned, so only a model that remembers earlier shots
@@ -40,13 +41,13 @@ from shotstream_jax.io import video as video_io
 _VALID_DIST = 60.0       # a pixel within this RGB distance of a palette colour gets its label
 _BG_DIST = 40.0          # ... and is background if this close to the bg colours' blend segment
 _SMOOTH_TOL, _SMOOTH_SCALE = 0.04, 0.03   # second-difference tolerance, decay
-_CANON = 12              # canonical silhouette size for shape comparison
+_CANON = 12              # canonical silhouette size of the shape-likeness gate
 # Scene tests (fractions): palette pixels in a shot, bg colours on the border ring, the blob's
 # share of all non-background pixels, its area / bounding box, its centre's offset from the
 # frame centre (of the frame size), and the area-equivalent radius range (of the frame height).
 _MIN_VALID, _MIN_RING, _MIN_BLOB, _MIN_FILL, _MAX_OFFSET = 0.6, 0.85, 0.7, 0.35, 0.25
 _RADIUS_RANGE = (0.06, 0.45)
-_MIN_SHAPE_IOU = 0.6     # silhouette vs its best canonical shape
+_MIN_SHAPE_IOU = 0.6     # silhouette vs its best canonical shape (is the blob a shape at all)
 _MIN_TEXTURE = 0.08      # share of the blob in a second colour for a texture to count
 _DOT_SPREAD = 0.75       # texture pixels' mean radius / the blob's: below = dot, above = stripes
 ATTRIBUTES = ('shape', 'colours', 'texture', 'bg', 'setting')
@@ -239,9 +240,10 @@ def measure_shot(x: np.ndarray, caption: str, subject: Optional[dict] = None) ->
           offset <= _MAX_OFFSET and fill >= _MIN_FILL):
     return not_found(f'no protagonist-like blob (radius {radius:.2f}, share {share:.2f}, '
                      f'offset {offset:.2f}, fill {fill:.2f})')
-  shape, iou = _classify_shape(body)
+  best, iou = _silhouette_match(body)
   if iou < _MIN_SHAPE_IOU:
-    return not_found(f'the blob matches no shape (best {shape}, IoU {iou:.2f})')
+    return not_found(f'the blob matches no shape (best {best}, IoU {iou:.2f})')
+  shape = _classify_shape(body, _blend_distance(x[mid], *bg))
 
   colours, texture = _protagonist_colours(lab[mid], valid[mid], body, set(bg))
   setting = _classify_setting(lab[mid], valid[mid], body, bg)
@@ -281,11 +283,54 @@ def _silhouette(mask):
   return video_io.resize_frames(crop[..., None], (_CANON, _CANON))[..., 0] > 0.5
 
 
-def _classify_shape(body):
+def _silhouette_match(body):
+  """(best shape, IoU) of the blob's bounding-box silhouette against the canonical ones: the
+  gate that the blob is shape-like at all. Not the shape's reading: one stray pixel widens
+  the box and makes a square read rounder (see _classify_shape)."""
   sil = _silhouette(body)
   ious = {s: (sil & c).sum() / max((sil | c).sum(), 1) for s, c in _canonical_shapes().items()}
   best = max(ious, key=ious.get)
   return best, float(ious[best])
+
+
+def _shape_moments(weight):
+  """Scale-free complex moments (mu3, mu4) of a [H, W] mass: mu_n = sum w z^n / a^(1 + n/2),
+  z = x + iy about the mass centroid (y down), a = sum w.
+
+  Why these: the four shapes are told apart by their rotational symmetry alone (circle: both
+  0; square / diamond: mu4 = -1/60 / +1/60; the apex-up triangle: mu3 imaginary, mu4 0), and
+  a pure moment sum w z^n is unchanged by convolving w with any isotropic kernel (the kernel's
+  own z^k moments vanish for k >= 1), so a blurred or anti-aliased edge does not move it.
+  """
+  ys, xs = np.mgrid[:weight.shape[0], :weight.shape[1]]
+  a = weight.sum()
+  z = (xs - (weight * xs).sum() / a) + 1j * (ys - (weight * ys).sum() / a)
+  return np.array([(weight * z ** 3).sum() / a ** 2.5, (weight * z ** 4).sum() / a ** 3])
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical_moments():
+  g = (np.arange(512) + 0.5) / 256 - 1.0
+  yy, xx = np.meshgrid(g * 2.0, g * 2.0, indexing='ij')
+  return {s: _shape_moments(sw._inside_shape(s, xx, yy).astype(np.float64))  # pylint: disable=protected-access
+          for s in sw.SHAPES}
+
+
+def _classify_shape(body, bg_distance):
+  """The shape whose moments (_shape_moments) are nearest to the blob's soft mass.
+
+  The mass is 1 inside the blob (eroded by a pixel) and, on its outline and one pixel beyond,
+  the pixel's distance from the setting's colour blend relative to the blob's typical one: an
+  edge pixel half body, half background counts about half. A hard mask would threshold the
+  edge and round the corners of a slightly blurred square (a close-up square read as a circle).
+  """
+  core = ndimage.binary_erosion(body)
+  ref = np.median(bg_distance[core if core.sum() >= 3 else body])
+  edge = np.clip(bg_distance / max(float(ref), 1e-6), 0.0, 1.0)
+  weight = np.where(core, 1.0, np.where(ndimage.binary_dilation(body), edge, 0.0))
+  m = _shape_moments(weight)
+  dist = {s: float(np.abs(m - c).sum()) for s, c in _canonical_moments().items()}
+  return min(dist, key=dist.get)
 
 
 def _protagonist_colours(lab, valid, body, bg):
