@@ -110,6 +110,7 @@ def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path
     ('vae_train.temporal_consistency', -0.5, 'vae_train.temporal_consistency'),
     ('vae_train.init_gain', 0.0, 'vae_train.init_gain'),
     ('vae_train.edge', -1.0, 'vae_train.edge'),
+    ('vae_train.latent_mix', -1.0, 'vae_train.latent_mix'),
     ('data.source', 'precomputed', 'data.source'),
     ('vae_train.clip_frames', 4, 'vae_train.clip_frames'),
     ('vae_train.full_shots', 3, 'vae_train.full_shots'),
@@ -200,3 +201,32 @@ def test_edge_error_is_the_l1_of_gradient_differences(data_dir):
   with_term, m = vae_stage.reconstruction_loss(vae, params, batch, None, **kw, edge=0.5)
   assert float(m['edge']) > 0
   np.testing.assert_allclose(float(with_term), float(base) + 0.5 * float(m['edge']), rtol=1e-5)
+
+
+def test_latent_mix_error(data_dir):
+  """latent_mix_error: with a batch of one clip repeated, every mix is that clip, so the term is
+  the clip's own weighted reconstruction error (the loss' l1 / mse metrics); on distinct clips
+  it trains the decoder only (no gradient reaches the encoder) and the loss adds weight x it."""
+  c = _config(data_dir)
+  vae = vae_lib.WanVAE(c.vae)
+  params = vae_lib.init_params(vae, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  clip = rng.integers(0, 256, size=(1, 5, 16, 16, 3), dtype=np.uint8)
+  kw = dict(l1=1.0, mse=0.5, latent_l2=0.0, full_shots=0)
+  same = {'clip': np.repeat(clip, 3, axis=0), 'shot': None}
+  _, m = vae_stage.reconstruction_loss(vae, params, same, jax.random.key(2), **kw,
+                                       latent_mix=1.0)
+  np.testing.assert_allclose(float(m['latent_mix']), float(m['l1']) + 0.5 * float(m['mse']),
+                             rtol=1e-4)
+  batch = {'clip': rng.integers(0, 256, size=(3, 5, 16, 16, 3), dtype=np.uint8), 'shot': None}
+  base, _ = vae_stage.reconstruction_loss(vae, params, batch, jax.random.key(2), **kw)
+  with_term, m = vae_stage.reconstruction_loss(vae, params, batch, jax.random.key(2), **kw,
+                                               latent_mix=2.0)
+  np.testing.assert_allclose(float(with_term), float(base) + 2.0 * float(m['latent_mix']),
+                             rtol=1e-5)
+  x = jax.numpy.asarray(batch['clip'], jax.numpy.float32) / 127.5 - 1.0
+  mu = vae.apply({'params': params}, x, method=vae_stage._mu)  # pylint: disable=protected-access
+  grads = jax.grad(lambda p: vae_stage.latent_mix_error(vae, p, x, mu, jax.random.key(3),
+                                                        l1=1.0, mse=1.0))(params)
+  assert all(float(np.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['encoder']))
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads['decoder'])) > 0

@@ -35,6 +35,10 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   # storyworld: held-out drift 1.79 -> 0.04 at equal PSNR (README: eighth attempt).
   v.temporal_consistency = 0.1 if preset == 'storyworld' else 0.0
   v.edge = 0.0                # + edge x L1 of the error's spatial differences (sharp corners)
+  # + latent_mix x the error of decoding a mix of two clips' latents against the mix of their
+  # pixels (training/vae_stage.latent_mix_error: an unsure DiT's averaged latent then decodes
+  # as a blend, not as a third palette colour)
+  v.latent_mix = 0.0
   v.init_gain = 3.0 ** 0.5    # kernels x gain at init (torch init / sqrt 3 -> variance 1/fan_in)
   v.clip_frames = 5           # every example: a random window of this many frames (4k+1) ...
   v.full_shots = 2            # ... and the first `full_shots` of a batch also their whole shot

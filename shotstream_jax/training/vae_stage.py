@@ -21,7 +21,9 @@ receptive field): a perfectly static StoryWorld shot gave consecutive latents di
 0.2-1.2 of the latent variance, so every DiT stage had to learn an arbitrary code per frame
 index, and the context frames (each encoded alone) and stage 1a's images spoke another code
 than the frames a shot generates. With the term a latent is, up to motion, the image latent of
-its frame. Optionally (`edge`, off by default) `edge_error`, which charges rounded corners.
+its frame. Optionally (`edge`, off by default) `edge_error`, which charges rounded corners,
+and (`latent_mix`) `latent_mix_error`, which asks a mix of two latents to decode as the same
+mix of their pixels.
 Held-out metrics run the deployed
 path (chunked encode, decode clipped to [-1, 1]) on whole shots: PSNR and L1 in [0, 1] units.
 
@@ -71,13 +73,36 @@ def _mu(m, x):
   return m.quant_conv(m.encoder(x, None, True)[0])[0][..., :m.cfg.z_dim]
 
 
+def _decode_mu(m, mu):
+  """Unclipped frames of unnormalised latents mu [B, T', h, w, z] (a method for `vae.apply`)."""
+  return m.decoder(m.post_quant_conv(mu)[0], None, True)[0]
+
+
 def _autoencode(vae, params, x):
   """(mu, unclipped reconstruction) of whole clips x [B, T, H, W, 3]: one pass each way."""
   def run(m, x):
     mu = _mu(m, x)
-    y, _ = m.decoder(m.post_quant_conv(mu)[0], None, True)
-    return mu, y
+    return mu, _decode_mu(m, mu)
   return vae.apply({'params': params}, x, method=run)
+
+
+def latent_mix_error(vae, params, x, mu, key, *, l1: float, mse: float):
+  """Weighted L1 + MSE of decoding lam * mu + (1 - lam) * mu' against lam * x + (1 - lam) * x',
+  (x', mu') the next clip of the batch, lam ~ U(0, 1) per clip; mu carries no gradient here.
+
+  Why: a few-step DiT that is unsure between two colours at a place (which of the setting's
+  two colours a stripe has) predicts about their latents' mean, and a decoder trained only on
+  encoder outputs draws that off-data latent as whatever it happens to be: for 7 of the 28
+  palette pairs the shipped decoder drew the midpoint of two flat colours as a third palette
+  colour (orange + white as yellow, blue + orange as purple), the three-colour backgrounds the
+  judge rejects. This term asks the decoder to draw a mix of latents as the same mix of pixels.
+  """
+  lam = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), jnp.float32)
+  mu = jax.lax.stop_gradient(mu.astype(jnp.float32))
+  z = lam * mu + (1.0 - lam) * jnp.roll(mu, 1, axis=0)
+  target = lam * x + (1.0 - lam) * jnp.roll(x, 1, axis=0)
+  err = vae.apply({'params': params}, z, method=_decode_mu).astype(jnp.float32) - target
+  return l1 * jnp.mean(jnp.abs(err)) + mse * jnp.mean(err * err)
 
 
 def _encode_mu(vae, params, x):
@@ -100,18 +125,21 @@ def latent_drift(vae, params, x, mu):
 
 
 def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, latent_l2: float,
-                        full_shots: int, temporal_consistency: float = 0.0, edge: float = 0.0):
+                        full_shots: int, temporal_consistency: float = 0.0, edge: float = 0.0,
+                        latent_mix: float = 0.0):
   """Weighted L1 + MSE over every trained frame (the clips and `full_shots` whole shots),
-  the latent scale term, with `temporal_consistency` > 0 the latent drift (module docstring)
-  and with `edge` > 0 the L1 of the error's spatial differences (`edge_error`), averaged over
-  the views."""
-  del key
+  the latent scale term, with `temporal_consistency` > 0 the latent drift (module docstring),
+  with `edge` > 0 the L1 of the error's spatial differences (`edge_error`), averaged over
+  the views, and with `latent_mix` > 0 `latent_mix_error` on the clips."""
   views = [to_unit(batch['clip'])]
   if full_shots:
     views.append(to_unit(batch['shot'][:full_shots]))
   sums, frames, latent, drift = {'l1': 0.0, 'mse': 0.0, 'edge': 0.0}, 0, [], []
+  mix = None
   for x in views:
     mu, y = _autoencode(vae, params, x)
+    if latent_mix and mix is None:     # the clips: the first view
+      mix = latent_mix_error(vae, params, x, mu, key, l1=l1, mse=mse)
     err = y.astype(jnp.float32) - x
     n = x.shape[0] * x.shape[1]
     sums['l1'] += jnp.mean(jnp.abs(err)) * n
@@ -132,6 +160,9 @@ def reconstruction_loss(vae, params, batch, key, *, l1: float, mse: float, laten
   if edge:
     metrics['edge'] = sums['edge'] / frames
     loss = loss + edge * metrics['edge']
+  if latent_mix:
+    metrics['latent_mix'] = mix
+    loss = loss + latent_mix * mix
   return loss, metrics
 
 
@@ -168,7 +199,7 @@ class VaeStage:
     if config.data.source != 'storyworld':
       raise ValueError(f'data.source: the VAE stage trains on StoryWorld pixels; got '
                        f'{config.data.source!r}, accepted: storyworld')
-    for name in ('l1', 'mse', 'latent_l2', 'temporal_consistency', 'edge'):
+    for name in ('l1', 'mse', 'latent_l2', 'temporal_consistency', 'edge', 'latent_mix'):
       if vt[name] < 0:
         raise ValueError(f'vae_train.{name}: must be >= 0, got {vt[name]}')
     if vt.l1 + vt.mse <= 0:
@@ -196,7 +227,7 @@ class VaeStage:
     self.loss_fn = functools.partial(reconstruction_loss, self.vae, l1=vt.l1, mse=vt.mse,
                                      latent_l2=vt.latent_l2, full_shots=vt.full_shots,
                                      temporal_consistency=vt.temporal_consistency,
-                                     edge=vt.edge)
+                                     edge=vt.edge, latent_mix=vt.latent_mix)
 
   def boxed_shapes(self):
     return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
