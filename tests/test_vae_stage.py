@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs.train import vae as vae_config
+from shotstream_jax.io.video import to_unit
 from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import init as init_lib
@@ -224,7 +225,7 @@ def test_latent_mix_error(data_dir):
                                                latent_mix=2.0)
   np.testing.assert_allclose(float(with_term), float(base) + 2.0 * float(m['latent_mix']),
                              rtol=1e-5)
-  x = jax.numpy.asarray(batch['clip'], jax.numpy.float32) / 127.5 - 1.0
+  x = to_unit(batch['clip'])
   mu = vae.apply({'params': params}, x, method=vae_stage._mu)  # pylint: disable=protected-access
   grads = jax.grad(lambda p: vae_stage.latent_mix_error(vae, p, x, mu, jax.random.key(3),
                                                         l1=1.0, mse=1.0))(params)

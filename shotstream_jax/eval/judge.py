@@ -272,9 +272,15 @@ def measure_shot(x: np.ndarray, caption: str, subject: Optional[dict] = None) ->
 @functools.lru_cache(maxsize=None)
 def _canonical_shapes():
   """Each shape's silhouette, cropped to its bounding box, at _CANON x _CANON."""
-  g = (np.arange(256) + 0.5) / 128 - 1.0
-  yy, xx = np.meshgrid(g * 1.6, g * 1.6, indexing='ij')
-  return {s: _silhouette(sw._inside_shape(s, xx, yy)) for s in sw.SHAPES}  # pylint: disable=protected-access
+  return {s: _silhouette(m) for s, m in _shape_masks(256, 1.6).items()}
+
+
+def _shape_masks(n: int, extent: float):
+  """Each shape (area pi, centred on its centroid) rasterised on an n x n grid of pixel
+  centres spanning [-extent, extent]^2 in the renderer's world units."""
+  g = ((np.arange(n) + 0.5) / (n / 2) - 1.0) * extent
+  yy, xx = np.meshgrid(g, g, indexing='ij')
+  return {s: sw._inside_shape(s, xx, yy) for s in sw.SHAPES}  # pylint: disable=protected-access
 
 
 def _silhouette(mask):
@@ -310,10 +316,7 @@ def _shape_moments(weight):
 
 @functools.lru_cache(maxsize=None)
 def _canonical_moments():
-  g = (np.arange(512) + 0.5) / 256 - 1.0
-  yy, xx = np.meshgrid(g * 2.0, g * 2.0, indexing='ij')
-  return {s: _shape_moments(sw._inside_shape(s, xx, yy).astype(np.float64))  # pylint: disable=protected-access
-          for s in sw.SHAPES}
+  return {s: _shape_moments(m.astype(np.float64)) for s, m in _shape_masks(512, 2.0).items()}
 
 
 def _classify_shape(body, bg_distance):
