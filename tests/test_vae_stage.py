@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs.train import vae as vae_config
-from shotstream_jax.io.video import to_unit
 from shotstream_jax.convert import vae as convert_vae
+from shotstream_jax.io.video import to_unit
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import chain as chain_lib
