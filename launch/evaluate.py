@@ -1,6 +1,7 @@
 r"""The StoryWorld measurement harness (shotstream_jax/eval/harness.py) on held-out stories.
 
-  # every model of a reproduce run (teacher, stage 2-4 students, ablations, 8-shot stories):
+  # every model of a reproduce run (teacher, stage 2-4 students, ablations, 8-shot stories),
+  # at the sizes the run recorded (<root>/overrides.json):
   python launch/evaluate.py --root=out/storyworld --num_stories=32 --out=out/storyworld/eval
   # the shipped default model alone (ground truth, VAE round trip, stage 4, its ablations):
   python launch/evaluate.py --model_dir=weights/storyworld --out=out/eval_shipped
@@ -25,7 +26,7 @@ _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A model directory (weights/
 _OUT = flags.DEFINE_string('out', 'out/eval', 'Report folder.')
 _NUM_STORIES = flags.DEFINE_integer('num_stories', 32, 'Held-out stories.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Story set and generation seeds.')
-_LONG = flags.DEFINE_integer('long_stories', 16, '8-shot stories for error accumulation (0: off).')
+_LONG = flags.DEFINE_integer('long_stories', 64, '8-shot stories for error accumulation (0: off).')
 _ABLATIONS = flags.DEFINE_bool('ablations', True, 'Inference-time ablations of stage 4.')
 _SPEED = flags.DEFINE_bool('speed', True, 'Time the stage-4 pipeline.')
 

@@ -1,13 +1,14 @@
 r"""The whole StoryWorld model from nothing, then its evaluation: one resumable command.
 
-  python launch/reproduce.py --root=out/storyworld            # ~1.5-2 h on a 2-core CPU
-  python launch/reproduce.py --root=out/storyworld --ship     # also copy the model to weights/
+  python launch/reproduce.py --root=out/storyworld            # ~6 h on a 2-core CPU
+  python launch/reproduce.py --root=out/storyworld --ship=weights/storyworld   # and ship it
 
 Steps (shotstream_jax/training/chain.py): StoryWorld pixels, stage 0 (VAE), its export with
 latent statistics folded in, the SentencePiece vocabulary and frozen umT5, precompute, stages
 1-4, the model directory, then the harness (launch/evaluate.py) into <root>/eval. Rerun the same
 command after a kill: finished steps are skipped, training resumes from its last checkpoint.
-<root>/chain.json holds each step's wall time.
+<root>/chain.json holds each step's wall time, <root>/overrides.json the --set overrides (later
+runs and launch/evaluate.py --root reuse them; a different data: or model: value is refused).
 
 --carry=DIR first copies an earlier run's outputs into --root (DIR laid out like it, e.g.
 weights/storyworld_progress/export/vae.safetensors: stage 0 is then done).

@@ -53,7 +53,15 @@ def test_chain_end_to_end(tmp_path):
   chain_lib.run_chain(root, 'storyworld', OVERRIDES, log=again.append)
   assert len(again) == len(chain_lib.STEPS) and all('skipped' in l for l in again)
 
-  ch = chain_lib.Chain(root, 'storyworld', OVERRIDES)
+  # The root remembers its overrides: a reader that gives none gets the chain's sizes and
+  # step counts (every step done), and a different model size is refused with its field named.
+  ch = chain_lib.Chain(root, 'storyworld')
+  assert ch.overrides == OVERRIDES and all(ch.done(s) for s in chain_lib.STEPS)
+  assert ch.model_config().model.dim == 32
+  with pytest.raises(ValueError, match=r'model:model.dim=64: .* was run with 32'):
+    chain_lib.Chain(root, 'storyworld', {'model': {'model.dim': 64}})
+  with pytest.raises(ValueError, match=r'model.eps=0.001: .* with the preset default'):
+    chain_lib.Chain(root, 'storyworld', {'model': {'model.eps': 1e-3}})
   # Stage 0b trained the decoder on from stage 0 and left the encoder (the latents) bit for bit.
   first, second = (init_lib.restore_networks(ch.workdir(s), ['vae'])['vae']
                    for s in ('vae', 'vae_decoder'))
@@ -141,3 +149,14 @@ def test_parse_overrides():
                  'model': {'model.rope.theta': 0.5}}
   with pytest.raises(ValueError, match='expected step:dotted.field=value'):
     chain_lib.parse_overrides(['teacher.train.num_steps=5'])
+
+
+def test_merge_overrides():
+  recorded = {'model': {'model.dim': 192}, 'teacher': {'train.num_steps': 5}}
+  # Step fields: the given value wins, recorded ones stay; shared fields may be repeated.
+  got = chain_lib.merge_overrides(recorded, {'teacher': {'train.num_steps': 7},
+                                             'model': {'model.dim': 192}})
+  assert got == {'model': {'model.dim': 192}, 'teacher': {'train.num_steps': 7}}
+  assert chain_lib.merge_overrides(None, {'data': {'num_train': 8}}) == {'data': {'num_train': 8}}
+  with pytest.raises(ValueError, match=r'data:num_train=8: r was run with'):
+    chain_lib.merge_overrides({}, {'data': {'num_train': 8}}, 'r')

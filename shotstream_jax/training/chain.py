@@ -5,7 +5,10 @@ stages 1-4 -> the shipped model -> evaluation. `launch/reproduce.py` is its comm
 
 Every step writes into its own folder under `root` and is skipped once its result exists, so
 rerunning after a kill continues where it stopped (the training stages resume inside a step
-from their last complete checkpoint). `root/chain.json` records each step's wall time.
+from their last complete checkpoint). `root/chain.json` records each step's wall time and
+`root/overrides.json` the config overrides the chain ran with (below): later runs and readers
+of the root (the harness, the teacher probe) start from them, so a chain trained at another
+size is evaluated at that size.
 
     data/        StoryWorld pixels (tfds, array_record)
     vae/         stage 0 workdir
@@ -45,6 +48,9 @@ TRAIN_CONFIGS = {'vae': 'vae', 'vae_decoder': 'vae_decoder', 'teacher_image': 't
                  'ode': 'ode_init', 'dmd_intra': 'dmd_intra',
                  'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
 TIMES = 'chain.json'
+OVERRIDES = 'overrides.json'
+# Override keys that shape the data or the networks: every step of a root must share them.
+SHARED = ('data', 'model')
 # Every digit, so shot prompts past the training stories' shot counts ("shot7:") tokenise.
 DIGITS_LINE = ' '.join(f'shot{i}:' for i in range(10))
 
@@ -56,7 +62,7 @@ class Chain:
                overrides: Optional[Dict[str, dict]] = None):
     self.root = os.path.abspath(root)
     self.preset = preset
-    self.overrides = overrides or {}
+    self.overrides = merge_overrides(read_overrides(self.root), overrides or {}, self.root)
     unknown = sorted(set(self.overrides) - set(STEPS) - {'data', 'model'})
     if unknown:
       raise ValueError(f'overrides: unknown step(s) {unknown}; accepted: data, model, '
@@ -234,6 +240,7 @@ def run_chain(root: str, preset: str = 'storyworld', overrides=None,
   if bad:
     raise ValueError(f'steps: unknown {bad}; accepted: {", ".join(STEPS)}')
   os.makedirs(chain.root, exist_ok=True)
+  _write_json(chain.root, OVERRIDES, chain.overrides)
   if carry:
     carry_in(carry, chain.root, log)
   times = read_times(chain.root)
@@ -249,24 +256,51 @@ def run_chain(root: str, preset: str = 'storyworld', overrides=None,
     seconds = time.time() - start
     prev = times.get(step, {}).get('seconds', 0.0)   # earlier, killed attempts count too
     times[step] = {'seconds': round(prev + seconds, 1), 'finished': time.strftime('%F %T')}
-    _write_times(chain.root, times)
+    _write_json(chain.root, TIMES, times)
     log(f'chain: {step} finished in {seconds:.0f}s')
   return {k: v['seconds'] for k, v in times.items()}
 
 
 def read_times(root: str) -> dict:
-  path = os.path.join(root, TIMES)
+  return _read_json(root, TIMES)
+
+
+def read_overrides(root: str) -> Optional[dict]:
+  """The overrides an earlier run recorded under `root`; None when no run recorded any."""
+  return _read_json(root, OVERRIDES) if os.path.exists(os.path.join(root, OVERRIDES)) else None
+
+
+def merge_overrides(recorded: Optional[dict], given: dict, root: str = '') -> dict:
+  """`given` on top of `recorded` (None: nothing recorded), field by field. The shared keys
+  (data, model) may be repeated but never changed, nor added to a root that ran without them:
+  networks trained under one model config cannot be continued or loaded under another."""
+  out = {step: dict(fields) for step, fields in (recorded or {}).items()}
+  for step, fields in given.items():
+    for field, value in fields.items():
+      if recorded is not None and step in SHARED:
+        fields_then = recorded.get(step, {})
+        if field not in fields_then or fields_then[field] != value:
+          then = repr(fields_then[field]) if field in fields_then else 'the preset default'
+          raise ValueError(f'--set {step}:{field}={value!r}: {root or "the root"} was run with '
+                           f'{then} ({OVERRIDES}); data and model overrides cannot change '
+                           'within a root, use a new --root')
+      out.setdefault(step, {})[field] = value
+  return out
+
+
+def _read_json(root, name):
+  path = os.path.join(root, name)
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     return json.load(f)
 
 
-def _write_times(root, times):
-  tmp = os.path.join(root, TIMES + '.tmp')
+def _write_json(root, name, value):
+  tmp = os.path.join(root, name + '.tmp')
   with open(tmp, 'w') as f:
-    json.dump(times, f, indent=1)
-  os.replace(tmp, os.path.join(root, TIMES))
+    json.dump(value, f, indent=1)
+  os.replace(tmp, os.path.join(root, name))
 
 
 def parse_overrides(items):
