@@ -35,7 +35,7 @@ def _tiny_storyworld(tmp_path):
 
 def test_harness_end_to_end(tmp_path):
   models = _tiny_storyworld(tmp_path)
-  ablations = ['global cache off', 'context budget 1']
+  ablations = ['global cache off', 'context budget 1', 'shots of 3 chunks, local window 1 chunk']
   result = harness.evaluate(models, num_stories=2, seed=0, ablations=ablations,
                             long_stories=1, long_shots=3, progress=False, sheet_stories=2)
   rows = result['rows']
@@ -47,6 +47,12 @@ def test_harness_end_to_end(tmp_path):
     assert rows[name]['identity'] < 0.2 and rows[name]['found'] < 0.2, name
   assert set(result['identity_vs_first_shot']) == set(harness.STUDENTS[1:])
   assert all(len(v) == 2 for v in result['identity_vs_first_shot'].values())
+  long = result['long_identity']   # one long story: means, no standard error
+  assert set(long) == set(harness.STUDENTS[1:]) | {'stage 4 - stage 3'}
+  for name in harness.STUDENTS[1:]:
+    assert long[name]['se'] is None
+    np.testing.assert_allclose(long[name]['mean'], np.mean(result['identity_vs_first_shot'][name]),
+                               atol=1e-4)
   sp = result['speed']
   assert sp['fps'] > 0 and sp['first_frame_latency_s'] > 0
   assert all(n == 1 for k, n in sp['compile_counts'].items() if k != 'decode')
@@ -59,3 +65,12 @@ def test_harness_end_to_end(tmp_path):
   sheet = np.asarray(Image.open(paths['png']))
   # 2 stories x 6 rows of 32x32 frames (x3, 1-pixel borders), 3 frames per shot.
   assert sheet.shape[0] >= 2 * 6 * 34 * 3 and sheet.shape[2] == 3
+
+
+def test_long_identity_summary():
+  s3, s4 = np.array([0.2, 0.4, 0.6]), np.array([0.3, 0.4, 0.8])
+  got = harness.long_identity_summary({harness.STUDENTS[1]: s3, harness.STUDENTS[2]: s4})
+  assert got[harness.STUDENTS[1]] == {'mean': 0.4, 'se': round(0.2 / np.sqrt(3), 4)}
+  # differences 0.1, 0, 0.2: mean 0.1, sample std 0.1
+  assert got['stage 4 - stage 3'] == {'mean': 0.1, 'se': round(0.1 / np.sqrt(3), 4)}
+  assert 'stage 4 - stage 3' not in harness.long_identity_summary({harness.STUDENTS[1]: s3})

@@ -43,7 +43,12 @@ ABLATIONS = {
     'position gap 3': {'model.rope.position_gap': 3},
     'context budget 1': {'model.context_frames': 1},
     'context budget 3': {'model.context_frames': 3},
-    'local window 1 chunk': {'sampling.local_frames': 3},
+    # The local window only matters in shots longer than 2 chunks: at the preset's 2-chunk
+    # shots a chunk's in-shot history is 1 chunk, which any window holds. So both rows stream
+    # 3-chunk shots (longer than training's) and differ only in the window.
+    'shots of 3 chunks': {'sampling.shot_latent_frames': 9, 'sampling.local_frames': 9},
+    'shots of 3 chunks, local window 1 chunk': {'sampling.shot_latent_frames': 9,
+                                                'sampling.local_frames': 3},
 }
 
 
@@ -152,7 +157,7 @@ def _generate_all(pipe, stories, seed, progress, name) -> List[np.ndarray]:
 
 
 def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=True,
-             long_stories: int = 16, long_shots: int = 8, speed: bool = True,
+             long_stories: int = 64, long_shots: int = 8, speed: bool = True,
              progress: bool = True, sheet_stories: int = 4,
              log: Callable[[str], None] = print) -> dict:
   """All rows (module docstring) on `num_stories` held-out stories; a JSON-able dict with the
@@ -203,25 +208,41 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
       add(f'ablation: {name}', _generate_all(pipe(final, _with(config, ABLATIONS[name])),
                                              stories, seed, progress, name))
 
-  accumulation = {}
+  accumulation, per_story = {}, {}
   if long_stories:
     longs = held_out_stories(long_stories, seed, (long_shots, long_shots), offset=100000)
     for name in STUDENTS[1:]:
       if name in models.generators:
         videos = _generate_all(pipe(models.generators[name]), longs, seed, progress,
                                f'{name}, {long_shots} shots')
-        per_shot = np.mean([_judge(v, st).identity_to_first for v, st in zip(videos, longs)],
-                           axis=0)
-        accumulation[name] = [round(float(x), 4) for x in per_shot]
+        to_first = np.array([_judge(v, st).identity_to_first for v, st in zip(videos, longs)])
+        accumulation[name] = [round(float(x), 4) for x in to_first.mean(0)]
+        per_story[name] = to_first.mean(1)
         log(f'harness: {name}, identity of shot k vs shot 1, k = 2..{long_shots}: '
-            + ' '.join(f'{x:.2f}' for x in per_shot))
+            + ' '.join(f'{x:.2f}' for x in to_first.mean(0)))
 
   timing = measure_speed(pipe(final)) if final is not None and speed else {}
   return {'num_stories': num_stories, 'seed': seed, 'rows': rows,
-          'identity_vs_first_shot': accumulation, 'long_shots': long_shots,
+          'identity_vs_first_shot': accumulation,
+          'long_identity': long_identity_summary(per_story), 'long_shots': long_shots,
           'long_stories': long_stories if accumulation else 0, 'speed': timing,
           'wall_s': round(time.time() - started, 1), 'device': _device(),
           'sheet': sheet, 'sheet_captions': [st.as_json() for st in stories[:sheet_stories]]}
+
+
+def long_identity_summary(per_story: Dict[str, np.ndarray]) -> dict:
+  """Mean identity over k = 2..S of each model's long stories, with its standard error over
+  stories, and stage 4 - stage 3 paired story by story (the same stories and seeds), so the
+  question "does stage 4 hold a story at least as well as stage 3" gets an error bar: a story's
+  identity varies far more between stories than between models (README, eleventh attempt)."""
+  def mean_se(x):
+    x = np.asarray(x, np.float64)
+    se = round(float(x.std(ddof=1) / np.sqrt(len(x))), 4) if len(x) > 1 else None
+    return {'mean': round(float(x.mean()), 4), 'se': se}
+  out = {name: mean_se(v) for name, v in per_story.items()}
+  if all(name in per_story for name in STUDENTS[1:]):
+    out['stage 4 - stage 3'] = mean_se(per_story[STUDENTS[2]] - per_story[STUDENTS[1]])
+  return out
 
 
 def measure_speed(pipe, shots: int = 3, repeats: int = 3) -> dict:
@@ -269,6 +290,12 @@ def markdown(result: dict) -> str:
               + ' |', '|---|' + '---|' * (n - 1)]
     for name, values in acc.items():
       lines.append(f'| {name} | ' + ' | '.join(f'{v:.3f}' for v in values) + ' |')
+    means = result.get('long_identity') or {}
+    if means:
+      lines += ['', f'Mean over k = 2..{n} +- standard error over stories: ' + '; '.join(
+          f'{name} {v["mean"]:.3f} +- ' + ('n/a' if v['se'] is None else f'{v["se"]:.3f}')
+          for name, v in means.items())
+          + ' (the difference paired story by story).']
   sp = result.get('speed') or {}
   if sp:
     lines += ['', f'Speed of the stage-4 pipeline ({result["device"]}): {sp["fps"]} FPS '
