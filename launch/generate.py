@@ -31,7 +31,6 @@ import numpy as np
 from tqdm import tqdm
 
 from shotstream_jax import cli
-from shotstream_jax import embedded
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.io import video as video_lib
@@ -42,42 +41,10 @@ _PROMPTS = flags.DEFINE_string('prompts', 'configs/stories/storyworld.json',
                                 'Story JSON or testset CSV.')
 _OUT = flags.DEFINE_string('out', 'out/story.mp4', 'Output mp4 (a folder for a CSV).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-_CKPT = flags.DEFINE_string('ckpt', None, 'DiT weights (.pt/.safetensors, orbax dir, or a '
-                            'training --workdir: its generator); absent: the preset\'s shipped '
-                            'model (storyworld), else random weights. With shipped weights, '
-                            '--ckpt alone replaces only the DiT; at `tiny`, --ckpt alone runs '
-                            'with the embedded random VAE and text encoder.')
-_VAE = flags.DEFINE_string('vae', None, 'VAE weights (Wan2.1_VAE.pth or orbax dir).')
-_TEXT = flags.DEFINE_string('text_encoder', None, 'umT5 weights (.pth or orbax dir).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'google/umt5-xxl tokenizer folder.')
+_MODEL = cli.define_model_flags()
 _INTERACTIVE = flags.DEFINE_bool('interactive', False, 'Read prompts from stdin, shot by shot.')
 _SCAN = flags.DEFINE_bool('scan', False, 'Run each shot as one jitted lax.scan (no streaming).')
 _WARMUP = flags.DEFINE_bool('warmup', True, 'Compile before timing (2 throwaway shots).')
-
-
-def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=None):
-  given = {'--ckpt': ckpt, '--vae': vae, '--text_encoder': text_encoder, '--tokenizer': tokenizer}
-  shipped = embedded.model_dir(config)
-  if shipped:   # flags given replace the shipped files one by one
-    files = embedded.paths(shipped)
-    for flag, key in (('--ckpt', 'dit_path'), ('--vae', 'vae_path'),
-                      ('--text_encoder', 'text_path'), ('--tokenizer', 'tokenizer_path')):
-      files[key] = given[flag] or files[key]
-    if not any(given.values()):
-      print(f'note: the shipped {config.preset!r} model ({shipped})', file=sys.stderr)
-    return pipeline_lib.ShotStreamPipeline.load(config, **files)
-  if not any(given.values()):
-    print(f'note: no --ckpt: random weights of the {config.preset!r} preset; the video is '
-          'noise-like by design', file=sys.stderr)
-    return pipeline_lib.ShotStreamPipeline.from_random(config, config.seed)
-  missing = [k for k, v in given.items() if not v]
-  if ckpt and len(missing) == 3 and config.preset == 'tiny':
-    print(f'note: --ckpt alone: the embedded VAE and text encoder of the tiny preset (seed '
-          f'{config.seed}), as tiny StoryWorld training encodes with', file=sys.stderr)
-    return pipeline_lib.ShotStreamPipeline.with_embedded_encoders(config, ckpt, config.seed)
-  if missing:
-    raise ValueError(f'{missing[0]}: required with --ckpt (also needed: {", ".join(missing)})')
-  return pipeline_lib.ShotStreamPipeline.load(config, ckpt, vae, text_encoder, tokenizer)
 
 
 def run_story(pipe, story, out_path, seed, scan=False, writer=None):
@@ -164,7 +131,7 @@ def generate(config, prompts_path, out, seed, ckpt=None, vae=None, text_encoder=
                  for i, r in enumerate(rows)]
     else:
       stories = [(prompts_lib.load_story(prompts_path), out)]
-  pipe = build_pipeline(config, ckpt, vae, text_encoder, tokenizer)
+  pipe = cli.build_pipeline(config, ckpt, vae, text_encoder, tokenizer)
   if do_warmup:
     print(f'compiling (warm-up): {pipe.warmup():.1f}s', file=sys.stderr)
   start = time.perf_counter()
@@ -182,8 +149,9 @@ def main(argv):
   cli.quiet_logs()
   lines = iter(sys.stdin) if _INTERACTIVE.value else None
   result = cli.exit_on_user_error(
-      generate, _CONFIG.value, _PROMPTS.value, _OUT.value, _SEED.value, _CKPT.value, _VAE.value,
-      _TEXT.value, _TOKENIZER.value, lines, _SCAN.value, _WARMUP.value)
+      generate, _CONFIG.value, _PROMPTS.value, _OUT.value, _SEED.value,
+      *(h.value for h in _MODEL.values()), lines,
+      _SCAN.value, _WARMUP.value)
   print(json.dumps(result, indent=1))
 
 

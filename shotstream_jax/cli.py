@@ -150,3 +150,54 @@ def run(main):
       _fail(str(e))
     return rest
   app.run(main, flags_parser=parse)
+
+
+# ----------------------------------------------------------------------------- model flags
+
+MODEL_FLAGS = ('ckpt', 'vae', 'text_encoder', 'tokenizer')
+
+
+def define_model_flags():
+  """--ckpt / --vae / --text_encoder / --tokenizer, shared by every launcher that runs a model
+  (generate.py, studio.py); returns {name: holder} in MODEL_FLAGS order for `build_pipeline`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  helps = {
+      'ckpt': "DiT weights (.pt/.safetensors, orbax dir, or a training --workdir: its "
+              "generator); absent: the preset's shipped model (storyworld), else random weights. "
+              'With shipped weights, --ckpt alone replaces only the DiT; at `tiny`, --ckpt alone '
+              'runs with the embedded random VAE and text encoder.',
+      'vae': 'VAE weights (Wan2.1_VAE.pth or orbax dir).',
+      'text_encoder': 'umT5 weights (.pth or orbax dir).',
+      'tokenizer': 'google/umt5-xxl tokenizer folder.'}
+  return {name: flags.DEFINE_string(name, None, helps[name]) for name in MODEL_FLAGS}
+
+
+def build_pipeline(config, ckpt=None, vae=None, text_encoder=None, tokenizer=None):
+  """The pipeline the model flags ask for: the preset's shipped model with any given file
+  replacing its own, else the published files (all four), else random weights (a note on
+  stderr says which)."""
+  # pylint: disable=g-import-not-at-top
+  from shotstream_jax import embedded
+  from shotstream_jax import pipeline as pipeline_lib
+  given = {'--ckpt': ckpt, '--vae': vae, '--text_encoder': text_encoder, '--tokenizer': tokenizer}
+  shipped = embedded.model_dir(config)
+  if shipped:   # flags given replace the shipped files one by one
+    files = embedded.paths(shipped)
+    for flag, key in (('--ckpt', 'dit_path'), ('--vae', 'vae_path'),
+                      ('--text_encoder', 'text_path'), ('--tokenizer', 'tokenizer_path')):
+      files[key] = given[flag] or files[key]
+    if not any(given.values()):
+      print(f'note: the shipped {config.preset!r} model ({shipped})', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.load(config, **files)
+  if not any(given.values()):
+    print(f'note: no --ckpt: random weights of the {config.preset!r} preset; the video is '
+          'noise-like by design', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.from_random(config, config.seed)
+  missing = [k for k, v in given.items() if not v]
+  if ckpt and len(missing) == 3 and config.preset == 'tiny':
+    print(f'note: --ckpt alone: the embedded VAE and text encoder of the tiny preset (seed '
+          f'{config.seed}), as tiny StoryWorld training encodes with', file=sys.stderr)
+    return pipeline_lib.ShotStreamPipeline.with_embedded_encoders(config, ckpt, config.seed)
+  if missing:
+    raise ValueError(f'{missing[0]}: required with --ckpt (also needed: {", ".join(missing)})')
+  return pipeline_lib.ShotStreamPipeline.load(config, ckpt, vae, text_encoder, tokenizer)

@@ -326,6 +326,9 @@ class StorySession:
     self.latents: List[np.ndarray] = []            # [F, h, w, C] per shot
     self._prompts: Dict[tuple, str] = {}           # (shot, caption) -> encoded text
     self.prompt_cuts: Dict[int, int] = {}          # 0-based shot -> tokens cut from its prompt
+    # Per finished shot (keep_history only): the older shots' candidates it made unselectable,
+    # so `undo` can give them back.
+    self._dropped: List[Dict[int, np.ndarray]] = []
 
   # -- per-shot inputs
 
@@ -381,8 +384,9 @@ class StorySession:
     self.shot_lengths.append(n)
     # With P > budget earlier shots, frame_budget gives the oldest P - budget shots nothing.
     selectable_from = sum(self.shot_lengths[:max(0, len(self.shot_lengths) - pipe.budget)])
-    for i in [i for i in self._candidates if i < selectable_from]:
-      del self._candidates[i]
+    dropped = {i: self._candidates.pop(i) for i in list(self._candidates) if i < selectable_from}
+    if self.keep_history:
+      self._dropped.append(dropped)
     self.stats.append(ShotStats(len(self.shot_lengths), n, first_s, time.perf_counter() - t0,
                                 decode_s, tuple(chunk_s)))
 
@@ -433,6 +437,25 @@ class StorySession:
     video = to_uint8(frames)
     self._finish_shot(frames, video, latents[0], t0, now - t0, now - t_decode)
     return video
+
+  def undo(self) -> int:
+    """Forget the last finished shot: its frames leave the context and the video, and the
+    next shot is generated in its place (with the same key, so the same prompt gives the same
+    shot again). Returns the number of shots left. Needs keep_history."""
+    if not self.keep_history:
+      raise ValueError('undo: this session keeps no history (keep_history=False)')
+    if not self.shot_lengths:
+      raise ValueError('undo: no shot to undo')
+    self.shot_lengths.pop()
+    start = sum(self.shot_lengths)
+    for i in [i for i in self._candidates if i >= start]:
+      del self._candidates[i]
+    self._candidates.update(self._dropped.pop())
+    del self.captions[len(self.shot_lengths):]
+    for items in (self._video, self.latents, self.stats):
+      items.pop()
+    self.prompt_cuts.pop(len(self.shot_lengths), None)
+    return len(self.shot_lengths)
 
   def video(self) -> np.ndarray:
     """All frames of the finished shots, uint8 [T, H, W, 3]."""

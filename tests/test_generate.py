@@ -226,6 +226,34 @@ def test_abandoned_stream_is_forgotten(pipe):
   np.testing.assert_allclose(s.latents[1], ref.latents[1], atol=1e-5)
 
 
+def test_undo_restores_the_context_of_a_long_story(pipe):
+  """Undoing shot 8 (budget 6: finishing it made shot 2's frames unselectable) gives them back:
+  shot 8 again, on the same prompt, is the shot it was; and a different prompt sees the same
+  context as a session that never had the undone shot."""
+  assert pipe.budget == 6
+  prompts = [f'shot number {i}' for i in range(1, 9)]
+  s = pipe.session('G. ', seed=3)
+  for p in prompts:
+    s.run_shot(p)
+  eighth = s.latents[-1]
+  assert s.undo() == 7 and len(s.video()) == 7 * pipe.frames_per_shot
+  assert s.captions == prompts[:7] and len(s.stats) == 7
+  s.run_shot(prompts[7])
+  np.testing.assert_array_equal(s.latents[-1], eighth)
+  s.undo()
+  s.run_shot('another ending')
+  ref = pipe.session('G. ', seed=3)
+  for p in prompts[:7] + ['another ending']:
+    ref.run_shot(p)
+  np.testing.assert_array_equal(s.latents[-1], ref.latents[-1])
+  for _ in range(8):
+    s.undo()
+  with pytest.raises(ValueError, match='undo: no shot to undo'):
+    s.undo()
+  with pytest.raises(ValueError, match='keeps no history'):
+    pipe.session('G. ', keep_history=False).undo()
+
+
 def _rss_mb():
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('VmRSS:')) / 1024

@@ -1,0 +1,1 @@
+"""The web studio: direct a story live in a browser (launch/studio.py)."""
