@@ -34,16 +34,14 @@ _PACE = flags.DEFINE_float('pace_fps', 0.0, 'Stream no faster than this frame ra
 def build_studio(config, model_files, seed, max_sessions, max_queued, pace_fps):
   """The pipeline (compiled by a warm-up) and the Studio around it."""
   from shotstream_jax.studio import sessions  # pylint: disable=g-import-not-at-top
-  for name, value in (('--max_sessions', max_sessions), ('--max_queued', max_queued)):
-    if value < 1:
-      raise ValueError(f'{name}: must be >= 1, got {value}')
-  if pace_fps < 0:
-    raise ValueError(f'--pace_fps: must be >= 0, got {pace_fps}')
+  try:   # bad limits fail before minutes of model building; the fields are these flags
+    limits = sessions.StudioLimits(max_sessions=max_sessions, max_queued=max_queued,
+                                   pace_fps=pace_fps, seed=seed)
+  except ValueError as e:
+    raise ValueError(f'--{e}') from None
   pipe = cli.build_pipeline(config, *model_files)
   print(f'compiling (warm-up): {pipe.warmup():.1f}s', file=sys.stderr)
-  return sessions.Studio(pipe, sessions.StudioLimits(max_sessions=max_sessions,
-                                                     max_queued=max_queued, pace_fps=pace_fps,
-                                                     seed=seed))
+  return sessions.Studio(pipe, limits)
 
 
 def main(argv):

@@ -318,3 +318,11 @@ def test_launcher_bad_flags_one_line(flag, expect):
                        text=True, timeout=120)
   assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f'error: {expect}', \
       res.stderr[-2000:]
+
+
+def test_limits_are_checked_where_they_are_made():
+  # max_queued 0 would make an unbounded queue.Queue: the library refuses it, not only the CLI.
+  for field, value in (('max_sessions', 0), ('max_queued', 0), ('max_prompt_chars', 0),
+                       ('pace_fps', -0.5)):
+    with pytest.raises(ValueError, match=f'^{field}: must be >= '):
+      sessions_lib.StudioLimits(**{field: value})

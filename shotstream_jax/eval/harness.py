@@ -216,10 +216,11 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
         videos = _generate_all(pipe(models.generators[name]), longs, seed, progress,
                                f'{name}, {long_shots} shots')
         to_first = np.array([_judge(v, st).identity_to_first for v, st in zip(videos, longs)])
-        accumulation[name] = [round(float(x), 4) for x in to_first.mean(0)]
+        per_k = to_first.mean(0)
+        accumulation[name] = [round(float(x), 4) for x in per_k]
         per_story[name] = to_first.mean(1)
         log(f'harness: {name}, identity of shot k vs shot 1, k = 2..{long_shots}: '
-            + ' '.join(f'{x:.2f}' for x in to_first.mean(0)))
+            + ' '.join(f'{x:.2f}' for x in per_k))
 
   timing = measure_speed(pipe(final)) if final is not None and speed else {}
   return {'num_stories': num_stories, 'seed': seed, 'rows': rows,

@@ -32,8 +32,7 @@ def story_mp4(session, fps: int) -> bytes:
   """The finished shots of a session as mp4 bytes."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'story.mp4')
-    with video_lib.VideoWriter(path, fps=fps) as writer:
-      writer.write(session.story.video())
+    video_lib.write_video(path, session.story.video(), fps=fps)
     with open(path, 'rb') as f:
       return f.read()
 

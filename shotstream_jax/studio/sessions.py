@@ -36,6 +36,14 @@ class StudioLimits:
   pace_fps: float = 0.0        # > 0: stream no faster than this frame rate (0: as generated)
   seed: int = 0                # every story's seed (the same prompts give the same story)
 
+  def __post_init__(self):
+    # A queue of maxsize 0 is unbounded: the bound is what keeps memory flat under load.
+    for name in ('max_sessions', 'max_queued', 'max_prompt_chars'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name}: must be >= 1, got {getattr(self, name)}')
+    if self.pace_fps < 0:
+      raise ValueError(f'pace_fps: must be >= 0, got {self.pace_fps}')
+
 
 @dataclasses.dataclass
 class Session:

@@ -63,7 +63,7 @@ class Chain:
     self.root = os.path.abspath(root)
     self.preset = preset
     self.overrides = merge_overrides(read_overrides(self.root), overrides or {}, self.root)
-    unknown = sorted(set(self.overrides) - set(STEPS) - {'data', 'model'})
+    unknown = sorted(set(self.overrides) - set(STEPS) - set(SHARED))
     if unknown:
       raise ValueError(f'overrides: unknown step(s) {unknown}; accepted: data, model, '
                        f'{", ".join(STEPS)}')
@@ -262,12 +262,12 @@ def run_chain(root: str, preset: str = 'storyworld', overrides=None,
 
 
 def read_times(root: str) -> dict:
-  return _read_json(root, TIMES)
+  return _read_json(root, TIMES, missing={})
 
 
 def read_overrides(root: str) -> Optional[dict]:
   """The overrides an earlier run recorded under `root`; None when no run recorded any."""
-  return _read_json(root, OVERRIDES) if os.path.exists(os.path.join(root, OVERRIDES)) else None
+  return _read_json(root, OVERRIDES, missing=None)
 
 
 def merge_overrides(recorded: Optional[dict], given: dict, root: str = '') -> dict:
@@ -288,10 +288,10 @@ def merge_overrides(recorded: Optional[dict], given: dict, root: str = '') -> di
   return out
 
 
-def _read_json(root, name):
+def _read_json(root, name, missing):
   path = os.path.join(root, name)
   if not os.path.exists(path):
-    return {}
+    return missing
   with open(path) as f:
     return json.load(f)
 
