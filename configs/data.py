@@ -2,7 +2,6 @@
 
 Sections:
   storyworld  procedural multi-shot videos with known ground truth (data/storyworld.py)
-  reference   the reference training format builder (data/reference_builder.py)
   loader      the grain pipeline (data/loader.py)
 
 `tiny` is sized for tests and CPU training in minutes: 32x32 frames, 9 pixel frames per shot
@@ -33,11 +32,6 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   s.num_heldout = {'tiny': 16, 'storyworld': 64, 'default': 500}[arg]
   s.seed = 0                   # the whole dataset is a function of this seed
   s.supersample = 2            # anti-aliasing: render at this multiple, then box-average
-
-  r = c.reference = ml_collections.ConfigDict()
-  r.height = 32 if arg == 'tiny' else 480
-  r.width = 48 if arg == 'tiny' else 832
-  r.frames_format = 'raw'      # 'raw' uint8 tensors, or 'mp4' re-encoded bytes (smaller)
 
   ld = c.loader = ml_collections.ConfigDict()
   ld.batch_size = 4

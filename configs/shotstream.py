@@ -88,9 +88,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   m.chunk_frames = 3
   m.context_frames = 6
 
-  # Numerics and kernels. Params are always kept in `param_dtype` (fp32 master weights).
+  # Numerics and kernels. Params are always float32 (master weights); `dtype` is the compute.
   m.dtype = 'float32'         # compute dtype: 'float32' | 'bfloat16'
-  m.param_dtype = 'float32'
   m.attention = 'xla'         # 'xla' | 'cudnn' (GPU) | 'splash' (TPU): models/attention.py
   m.remat = False             # nn.remat per block (training)
   # Blocks per iteration of the layer scan. 1 everywhere; launch/aot.py sets 2 on a 2-layer

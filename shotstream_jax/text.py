@@ -61,6 +61,3 @@ class PromptEncoder:
           self._cache.popitem(last=False)
       rows.append(self._cache[key])
     return jnp.stack(rows)
-
-  def clear(self):
-    self._cache.clear()

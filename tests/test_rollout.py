@@ -159,7 +159,7 @@ def test_story_rollout_at_last_exit_equals_the_story_session():
   for c in captions:
     session.run_shot(c)
   rows = pipe.prompt_encoder(prompts_lib.shot_prompts('A fox story. ', captions))
-  shots = rollout.rollout_story(pipe.sampler, pipe.vae, pipe.vae_params, pipe.dit_params, rows,
-                                jax.random.key(3), [3, 3, 3])
+  shots, _ = rollout.rollout_story(pipe.sampler, pipe.vae, pipe.vae_params, pipe.dit_params,
+                                   rows[None], jax.random.key(3), [3, 3, 3])
   for s, shot in enumerate(shots):
     np.testing.assert_allclose(shot.rollout.latents[0], session.latents[s], atol=1e-4)

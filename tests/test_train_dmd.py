@@ -144,7 +144,12 @@ def test_generator_gradient_shot_by_shot_equals_the_joint_loss(data_dir, tmp_pat
     exits = stage._exit_steps(k_exit, num_shots)
     decoded, total, weight = [], 0.0, 0.0
     for s in range(num_shots):
-      plan, table, mask = stage._shot_plan(sg(p), batch, decoded, params.get('vae'))
+      ctx, choice = rollout.history_context(stage.vae, params['vae'], decoded,
+                                            config.model.context_frames,
+                                            (batch['text'].shape[0],) + stage.latent_hw +
+                                            (config.model.in_channels,))
+      plan, table = rollout.shot_plan(config.model, sg(p), ctx, choice, batch['text'])
+      mask = batch['shot_mask'][:, s]
       x = rollout.rollout_shot(stage.sampler, p, plan, jax.random.fold_in(k_roll, s),
                                exits[s]).latents
       frames_mask = jnp.broadcast_to(mask[:, None], x.shape[:2])

@@ -41,7 +41,7 @@ def test_load_from_workdir_step_dir_and_orbax_dir(tmp_path_factory, tmp_path):
 
   # Stage 1 resumed from its own workdir through teacher.init_from.
   stage = teacher_stage.TeacherStage(c, str(tmp_path / 'again'))
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
                                      sharding.logical_rules(c))
   c.teacher.init_from = workdir

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.train import common
 from configs.train import ode_init
 from shotstream_jax import checkpoints
 from shotstream_jax.models import dit
@@ -49,7 +50,7 @@ def test_trains_from_stage1_workdir_with_frozen_teacher(data_dir, tmp_path):
                               'train.checkpoint_every': 3})
   workdir = str(tmp_path / 'ode')
   stage = ode_stage.OdeInitStage(c, workdir)
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
                                      sharding.logical_rules(c))
   init = stage.init_params(jax.random.key(0), sh.params)
@@ -85,14 +86,14 @@ def test_ode_loss_falls_on_a_fixed_batch(data_dir, tmp_path):
   c.ode.init_from = checkpoints.save_params(
       str(tmp_path / 'random_teacher'), random_init.random_params(dit.param_shapes(model_cfg), 0))
   stage = ode_stage.OdeInitStage(c, str(tmp_path / 'w'))
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
                                      sharding.logical_rules(c))
   params = stage.init_params(jax.random.key(0), sh.params)
   state = train_loop.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
   batch = jax.tree.map(jnp.asarray, next(stage.train_iterator(0, 1, 2)))
-  step = jax.jit(train_loop.guarded(train_loop.default_train_step(stage.loss, tx)))
+  step = jax.jit(train_loop.guarded(stage.train_step(tx)))
   key = state.rng
   losses = []
   for _ in range(16):   # the same key every step: 'loss' is the fixed probe before the update
@@ -106,7 +107,8 @@ def test_ode_loss_falls_on_a_fixed_batch(data_dir, tmp_path):
 @pytest.mark.parametrize('field, value, message', [
     ('ode.target_frames', 4, r'ode.target_frames: must be a positive multiple of '
                              r'model.chunk_frames \(3\), got 4'),
-    ('optim.teacher.trainable', '', r"optim.teacher.trainable: must match no param .*got ''"),
+    ('optim.teacher', common.adamw(lr=0.0, clip=0.0, trainable=''),
+     r"optim.teacher.trainable: must match no param .*got ''"),
     ('ode.exact_steps', True, r"ode.save_steps: timesteps .* are not the student's"),
     ('ode.save_steps', (0, 5), r'ode.save_steps: must be increasing and in \[0, 4\)'),
     ('ode.num_steps', 0, r'ode.num_steps: must be >= 1, got 0'),
@@ -120,7 +122,7 @@ def test_bad_config_values(tmp_path, field, value, message):
 
 def test_reference_config_passes_the_step_check():
   c = ode_init.get_config('wan_1_3b')
-  ode_stage.OdeInitStage._check_frozen(c)   # pylint: disable=protected-access
+  assert 'teacher' not in c.optim   # frozen by the stage (trained() leaves it out)
   from shotstream_jax.sampling import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   np.testing.assert_allclose(
       teacher_lib.check_save_steps(c.ode.save_steps, c.sampling, c.ode.num_steps),

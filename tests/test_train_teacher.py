@@ -1,7 +1,6 @@
 """Stage 1 teacher: examples, w(t), masked (self-attention only) training, NaN policy,
 held-out loss going down, metrics files, the launch/train.py CLI. One CPU device."""
 
-import json
 import os
 import struct
 import subprocess
@@ -200,10 +199,10 @@ def _state(stage, tx, mesh, params):
 def test_only_self_attention_trains(data_dir, tmp_path):
   c = train_fixtures.tiny_config(data_dir, **{'optim.teacher.trainable': 'self_attn'})
   stage = teacher_stage.TeacherStage(c, str(tmp_path))
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   params = {'teacher': random_init.random_params(dit.param_shapes(c.model), 0)}
   _, state = _state(stage, tx, sharding.make_mesh(c.mesh), params)
-  step = jax.jit(train_loop.guarded(train_loop.default_train_step(stage.loss, tx)))
+  step = jax.jit(train_loop.guarded(stage.train_step(tx)))
   new, m = step(state, next(stage.train_iterator(0, 1, 4)))
   assert np.isfinite(m['loss'])
   changed = {jax.tree_util.keystr(p): bool(np.any(np.asarray(a) != np.asarray(b)))
@@ -314,7 +313,7 @@ def test_ema_tracks_the_weights_and_loaders_read_it(data_dir, tmp_path):
   final = train_loop.train(c, workdir, step_hook=hook)        # resumes at step 3
   assert len(seen) == 6
   stage = teacher_stage.TeacherStage(c, workdir)
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   _, sh = train_loop.state_shardings(stage, tx, sharding.make_mesh(c.mesh),
                                      sharding.logical_rules(c), ('teacher',))
   want = jax.device_get(train_loop.init_state(stage, tx, sh, c.train.seed).ema['teacher'])

@@ -37,7 +37,7 @@ def equivalence(args):
   """One (and three) teacher steps on mesh 2x2x2 vs one device, same params and batch."""
   c = train_fixtures.tiny_config(args['data_dir'])
   stage = teacher_stage.TeacherStage(c, args['workdir'])
-  tx = train_loop.make_optimizer(c.optim, stage.networks)
+  tx = stage.optimizer()
   rules = sharding.logical_rules(c)
   # Random weights everywhere (Wan's zero-initialised head would leave most grads at zero).
   params0 = {'teacher': random_init.random_params(dit.param_shapes(c.model), 0)}
@@ -57,7 +57,7 @@ def equivalence(args):
         rng=jax.device_put(jax.random.key_data(jax.random.key(0)), sh.rng))
     bsh = sharding.batch_shardings(batches[0], mesh)
     repl = sharding.replicated(mesh)
-    step = jax.jit(train_loop.guarded(train_loop.default_train_step(stage.loss, tx)),
+    step = jax.jit(train_loop.guarded(stage.train_step(tx)),
                    in_shardings=(sh, bsh), out_shardings=(sh, repl))
     losses, gnorms, snapshots = [], [], []
     for b in batches:

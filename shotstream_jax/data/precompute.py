@@ -40,7 +40,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from array_record.python import array_record_module
 from flax import serialization

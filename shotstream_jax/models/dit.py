@@ -30,6 +30,7 @@ import numpy as np
 
 from shotstream_jax.models import attention as attn_lib
 from shotstream_jax.models import rope as rope_lib
+from shotstream_jax.sampling import schedule
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -353,7 +354,8 @@ def velocity_from_output(cfg, out, latents, timesteps, pt: int = 1):
   if prediction != 'x0':
     raise ValueError(f'model.prediction: unknown {prediction!r}; accepted: '
                      f'{", ".join(PREDICTIONS)}')
-  sigma = jnp.maximum(jnp.repeat(timesteps, pt, axis=1) / 1000.0, cfg.x0_min_sigma)
+  sigma = jnp.maximum(schedule.timestep_sigma(jnp.repeat(timesteps, pt, axis=1)),
+                      cfg.x0_min_sigma)
   return (latents.astype(jnp.float32) - out) / sigma[:, :, None, None, None]
 
 

@@ -40,6 +40,11 @@ def sampling_schedule(cfg) -> Tuple[np.ndarray, np.ndarray]:
   return (sig * cfg.num_train_timesteps).astype(np.float32), sig.astype(np.float32)
 
 
+def timestep_sigma(t, num_train_timesteps: int = 1000):
+  """sigma of a timestep t in [0, num_train_timesteps] (the DiT's time input is t = N sigma)."""
+  return t / num_train_timesteps
+
+
 def x0_from_velocity(x_t, v, sigma):
   return x_t - sigma * v
 

@@ -84,9 +84,6 @@ class Checkpointer:
       self.manager.reload()
     return step, state, data
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()

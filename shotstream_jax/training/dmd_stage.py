@@ -35,7 +35,6 @@ state dict of the generator.
 
 import functools
 import os
-import re
 from typing import Dict
 
 import flax
@@ -49,13 +48,12 @@ from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
-from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import rollout
 from shotstream_jax.training import sharding as sharding_lib
+from shotstream_jax.training import stage as stage_lib
 from shotstream_jax.training import teacher_stage
-from shotstream_jax.training import train_loop
 
 sg = jax.lax.stop_gradient
 DMD_STAGES = ('dmd_intra', 'dmd_inter')
@@ -137,14 +135,15 @@ def _tree_where(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-class DmdStage:
-  """Stages 3-4 for train_loop.train (custom `train_step` and `optimizer`)."""
+class DmdStage(stage_lib.Stage):
+  """Stages 3-4: their own `train_step`; no held-out loss (DMD losses do not measure quality:
+  the harness judges samples)."""
 
   def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
     if config.stage not in DMD_STAGES:
       raise ValueError(f'stage: DmdStage needs one of {", ".join(DMD_STAGES)}, got '
                        f'{config.stage!r}')
-    self.config = config
     self.inter = config.stage == 'dmd_inter'
     d = config.dmd
     if d.generator_every < 1:
@@ -159,10 +158,10 @@ class DmdStage:
       if role not in config.optim:
         raise ValueError(f'optim.{role}: missing; DMD needs optim.generator and optim.critic')
     self.lora = _lora_cfg(config) if config.lora.enabled else None
-    self.trained = {(f'{r}_lora' if self.lora else r): r for r in ROLES}   # net -> role
-    self.gen_net, self.critic_net = list(self.trained)
+    self.roles = {(f'{r}_lora' if self.lora else r): r for r in ROLES}   # net -> role
+    self.gen_net, self.critic_net = list(self.roles)
     self.networks = ('generator', 'critic', 'teacher') + tuple(
-        n for n in self.trained if self.lora) + (('vae',) if self.inter else ())
+        n for n in self.roles if self.lora) + (('vae',) if self.inter else ())
 
     m, s = config.model, config.sampling
     self.vae = vae_lib.WanVAE(config.vae)
@@ -191,7 +190,7 @@ class DmdStage:
     out = {n: dit_boxed for n in ('generator', 'critic', 'teacher')}
     if self.lora:
       adapters = lora_boxed_shapes(dit_boxed, self.lora)
-      out.update({n: adapters for n in self.trained})
+      out.update({n: adapters for n in self.roles})
     if self.inter:
       out['vae'] = vae_lib.param_shapes(self.vae)    # unboxed: replicated
     return out
@@ -209,10 +208,10 @@ class DmdStage:
                             if d.generator_init else teacher)}
     out = {n: self._load_dit(*source[n], key=k_dit, sharding=shardings[n]) for n in source}
     if self.lora:
-      for net, k in zip(self.trained, (k_gen, k_critic)):
+      for net, k in zip(self.roles, (k_gen, k_critic)):
         init = jax.jit(lambda p, k: lora_lib.init_lora(p, self.lora, k),
                        out_shardings=shardings[net])
-        out[net] = init(out[self.trained[net]], k)
+        out[net] = init(out[self.roles[net]], k)
     if self.inter:
       out['vae'] = jax.device_put(self._vae_params(), shardings['vae'])
     return out
@@ -246,91 +245,50 @@ class DmdStage:
     from shotstream_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
     return convert_vae.load_vae(path, cfg.vae)
 
-  def param_labels(self, params):
-    """Per-leaf optimizer label: a trained network's name where `optim.<role>.trainable`
-    matches, else frozen (teacher, vae, LoRA bases)."""
-    def label(path, _):
-      net = str(getattr(path[0], 'key', path[0]))
-      role = self.trained.get(net)
-      if role is None:
-        return train_loop.FROZEN
-      pattern = self.config.optim[role].trainable
-      name = '/'.join(str(getattr(p, 'key', p)) for p in path[1:])
-      return net if not pattern or re.search(pattern, name) else train_loop.FROZEN
-    return jax.tree_util.tree_map_with_path(label, params)
-
-  def optimizer(self) -> optax.GradientTransformation:
-    """AdamW per trained network with its own clipping (optim.generator / optim.critic)."""
-    transforms = {net: train_loop.network_optimizer(self.config.optim[role])
-                  for net, role in self.trained.items()}
-    transforms[train_loop.FROZEN] = optax.set_to_zero()
-    return optax.multi_transform(transforms, self.param_labels)
+  def trained(self):
+    """The generator and the critic (or their LoRA adapters), each with its role's section:
+    optim.generator / optim.critic; the teacher, the VAE and LoRA bases are frozen."""
+    return dict(self.roles)
 
   # ------------------------------------------------------------------ rollouts
 
   def _with(self, params, net, value):
     return dict(params, **{net: value})
 
-  def _plan(self, gen_params, ctx_latents, ctx_shot, ctx_caption, gen_shot, gen_caption, rows):
-    """ShotPlan of a batch whose examples have their own caption tables rows [B, R, L, d]:
-    the tables are stacked into one [B R, L, d] and each example's rows offset by R b."""
-    b, r = rows.shape[:2]
-    off = r * jnp.arange(b, dtype=jnp.int32)
-    table = rows.reshape((b * r,) + rows.shape[2:])
-    text_kv = sg(dit.WanTextKV(self.config.model).apply({'params': sg(gen_params)}, table))
-    plan = causal.ShotPlan(sg(ctx_latents), ctx_shot, ctx_caption + off[:, None], gen_shot,
-                           gen_caption + off, text_kv)
-    return plan, table
-
   def _exit_steps(self, key, count: int):
     n = len(self.config.sampling.denoising_steps)
     return [rollout.draw_exit_step(jax.random.fold_in(key, i), n) for i in range(count)]
 
-  def _shot_plan(self, gen_params, batch, decoded, vae_params):
-    """(plan, caption table, mask [B]) of the next shot to roll out: stage 3's one shot with
-    its ground-truth context; in stage 4, shot len(decoded) with the context chosen from the
-    decoded shots before it. Every shot has the same length, so the context choice is the same
-    for the whole batch."""
-    if not self.inter:
-      plan, table = self._plan(gen_params, batch['ctx_latents'], batch['ctx_shot'],
-                               batch['ctx_caption'], batch['gen_shot'], batch['gen_caption'],
-                               batch['text'])
-      return plan, table, jnp.ones(plan.gen_shot.shape, jnp.float32)
-    m, text = self.config.model, batch['text']
-    b = text.shape[0]
-    rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
-    ctx, choice = rollout.history_context(self.vae, vae_params, decoded,
-                                          m.context_frames,
-                                          (b,) + self.latent_hw + (m.in_channels,))
-    plan, table = self._plan(gen_params, ctx, rep(choice.ctx_shot), rep(choice.ctx_caption),
-                             rep(choice.gen_shot), rep(choice.gen_caption),
-                             text[:, np.asarray(choice.caption_shots)])
-    return plan, table, batch['shot_mask'][:, len(decoded)]
+  def _shot_mask(self, batch, s: int):
+    """[B] which examples have shot s (stage 4 masks stories with fewer shots)."""
+    if self.inter:
+      return batch['shot_mask'][:, s]
+    return jnp.ones(batch['gen_shot'].shape, jnp.float32)
 
-  def _shots(self, gen_params, batch, key, vae_params, roll_out, carry=None):
-    """Rolls out every shot in order (stage 4 as rollout.rollout_story, with per-example
-    caption tables); `roll_out(carry, s, plan, table, mask, key, exit_step)` gives (carry,
-    shot s's latents [B, F, ...]). Returns ([(sg latents, FrameConcat, table, mask [B])] per
-    shot, the final carry)."""
+  def _shots(self, gen_params, batch, key, vae_params, roll_out=None, carry=None):
+    """Rolls out the step's shots: stage 3's one shot with its ground-truth context, stage 4's
+    whole stories (rollout.rollout_story). `roll_out` as rollout_story's (default: no
+    gradient). Returns ([(sg latents, FrameConcat, caption table, mask [B])] per shot, the
+    final carry)."""
     k_exit, k_roll = jax.random.split(key)
-    num_shots = batch['text'].shape[1] if self.inter else 1
-    exits = self._exit_steps(k_exit, num_shots)
-    decoded, shots = [], []
-    for s in range(num_shots):
-      plan, table, mask = self._shot_plan(gen_params, batch, decoded, vae_params)
-      k = jax.random.fold_in(k_roll, s) if self.inter else k_roll
-      carry, x = roll_out(carry, s, plan, table, mask, k, exits[s])
-      x = sg(x)
-      shots.append((x, rollout.frameconcat(plan, x.shape[1]), table, mask))
-      if s + 1 < num_shots:
-        decoded.append(sg(vae_lib.decode(self.vae, vae_params, x)))
-    return shots, carry
-
-  def _rollout(self, gen_params, batch, key, vae_params):
-    """The shots of a step without gradient (the critic's samples on other steps)."""
-    roll_out = lambda carry, s, plan, table, mask, k, exit_step: (carry, rollout.rollout_shot(
-        self.sampler, gen_params, plan, k, exit_step).latents)
-    return self._shots(gen_params, batch, key, vae_params, roll_out)[0]
+    if roll_out is None:
+      roll_out = lambda c, s, plan, table, k, exit_step: (c, rollout.rollout_shot(
+          self.sampler, gen_params, plan, k, exit_step).latents)
+    if self.inter:
+      exits = self._exit_steps(k_exit, batch['text'].shape[1])
+      shots, carry = rollout.rollout_story(self.sampler, self.vae, vae_params, gen_params,
+                                           batch['text'], k_roll, exits, roll_out=roll_out,
+                                           carry=carry)
+    else:
+      exits = self._exit_steps(k_exit, 1)
+      plan, table = rollout.batch_plan(self.config.model, gen_params, batch['ctx_latents'],
+                                       batch['ctx_shot'], batch['ctx_caption'],
+                                       batch['gen_shot'], batch['gen_caption'], batch['text'])
+      carry, x = roll_out(carry, 0, plan, table, k_roll, exits[0])
+      shots = [rollout.ShotRollout(rollout.Rollout(x, exits[0]), plan,
+                                   rollout.frameconcat(plan, x.shape[1]), table)]
+    return [(sg(r.rollout.latents), r.cond, r.rows, self._shot_mask(batch, s))
+            for s, r in enumerate(shots)], carry
 
   # ------------------------------------------------------------------ losses
 
@@ -356,19 +314,20 @@ class DmdStage:
     b = batch['text'].shape[0]
     weight = jnp.maximum(jnp.sum(batch['shot_mask']), 1.0) if self.inter else float(b)
 
-    def shot_loss(train_p, s, plan, table, mask, k, exit_step):
+    def shot_loss(train_p, s, plan, table, k, exit_step):
       p = merged_params(self.config, self._with(params, gen_net, train_p))
       x = rollout.rollout_shot(self.sampler, p, plan, k, exit_step).latents
+      mask = self._shot_mask(batch, s)
       loss, aux = losses.generator_dmd_loss(
           self.config.model, x, teacher, critic, rollout.frameconcat(plan, x.shape[1]), table,
           self.uncond_text, jax.random.fold_in(k_score, s), self.score_cfg,
           mask=self._frames_mask(mask, x))
       return jnp.sum(mask) * loss / weight, (x, aux)
 
-    def roll_out(carry, s, plan, table, mask, k, exit_step):
+    def roll_out(carry, s, plan, table, k, exit_step):
       total, grads_so_far, _ = carry
       (loss, (x, aux)), grads = jax.value_and_grad(shot_loss, has_aux=True)(
-          params[gen_net], s, plan, table, mask, k, exit_step)
+          params[gen_net], s, plan, table, k, exit_step)
       grads = jax.tree.map(jnp.add, grads_so_far, grads)
       # The next shot starts from x: it waits for this shot's gradient, whose residuals die.
       grads, x = jax.lax.optimization_barrier((grads, x))
@@ -384,13 +343,9 @@ class DmdStage:
     critic = merged_params(self.config, self._with(params, self.critic_net, train_p), 'critic')
     total, weight = 0.0, 0.0
     for s, (x, cond, table, mask) in enumerate(shots):
-      k_t, k_n = jax.random.split(jax.random.fold_in(key, s))
-      t = losses.score_timesteps(k_t, x.shape[0], self.score_cfg)
-      noise = jax.random.normal(k_n, x.shape, x.dtype)
-      x_t = losses.add_noise(x, noise, t / 1000.0)
-      v = teacher_lib.frameconcat_velocity(self.config.model, critic, cond, x_t, t, table)
-      err = losses.masked_mean((v - losses.flow_target(x, noise)) ** 2,
-                               self._frames_mask(mask, x))
+      err, _ = losses.critic_flow_loss(self.config.model, critic, x, cond, table,
+                                       jax.random.fold_in(key, s), self.score_cfg,
+                                       mask=self._frames_mask(mask, x))
       n = jnp.sum(mask)
       total, weight = total + n * err, weight + n
     loss = total / jnp.maximum(weight, 1.0)
@@ -416,7 +371,7 @@ class DmdStage:
       def sample_branch(_):
         gen = sg(merged_params(self.config, params))
         k_roll, _ = jax.random.split(k_gen)
-        shots = sg(self._rollout(gen, batch, k_roll, params.get('vae')))
+        shots = sg(self._shots(gen, batch, k_roll, params.get('vae'))[0])
         unmeasured = jnp.full((), jnp.nan, jnp.float32)   # left out of the logged means
         return (jax.tree.map(jnp.zeros_like, params[gen_net]), shots,
                 {'dmd_loss': unmeasured, 'dmd_grad_abs_mean': unmeasured,
@@ -448,9 +403,4 @@ class DmdStage:
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
     return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
                                    shard_count, batch_size)
-
-  def eval_batches(self, batch_size: int):
-    """No held-out loss: DMD losses do not measure quality (evaluate samples with the judges)."""
-    del batch_size
-    return []
 

@@ -44,10 +44,6 @@ def x0_from_flow(x_t, v, sigma):
   return schedule.x0_from_velocity(x_t, v, _bcast(sigma, x_t))
 
 
-def flow_from_x0(x_t, x0, sigma):
-  return (x_t - x0) / _bcast(sigma, x_t)
-
-
 def add_noise(x0, noise, sigma):
   return schedule.add_noise(x0, noise, _bcast(sigma, x0))
 
@@ -105,7 +101,7 @@ def ode_regression_loss(model_cfg, params, trajectory, times, cond: teacher_lib.
       {'params': params}, latents, ts, text, frame_pos=jnp.arange(cf + f),
       frame_shot=cond.frame_shot, frame_caption=cond.frame_caption, attention='block_causal',
       chunk_frames=n, context_frames=cf)[:, cf:]
-  x0 = x0_from_flow(noisy, v, t / 1000.0)
+  x0 = x0_from_flow(noisy, v, schedule.timestep_sigma(t))
   mask = t > 0
   loss = masked_mean((x0 - trajectory[:, -1]) ** 2, mask)
   return loss, {'ode_loss': loss, 'ode_frames_with_loss': jnp.sum(mask) / b}
@@ -130,13 +126,13 @@ def real_score_x0(model_cfg, teacher_params, cond, x_t, t, text, uncond_text,
   """Frozen teacher's x0 with guidance `cond + g (cond - uncond)` (negative prompt as uncond)."""
   v = teacher_lib.guided_velocity_fn(model_cfg, teacher_params, cond, text, uncond_text,
                                      guidance=1.0 + guidance)(x_t, t)
-  return x0_from_flow(x_t, v, t / 1000.0)
+  return x0_from_flow(x_t, v, schedule.timestep_sigma(t))
 
 
 def fake_score_x0(model_cfg, critic_params, cond, x_t, t, text):
   """The critic's x0 (no guidance, as the reference's fake_guidance_scale 0)."""
   v = teacher_lib.frameconcat_velocity(model_cfg, critic_params, cond, x_t, t, text)
-  return x0_from_flow(x_t, v, t / 1000.0)
+  return x0_from_flow(x_t, v, schedule.timestep_sigma(t))
 
 
 def generator_dmd_loss(model_cfg, x, teacher_params, critic_params, cond, text, uncond_text,
@@ -150,7 +146,8 @@ def generator_dmd_loss(model_cfg, x, teacher_params, critic_params, cond, text, 
   b = x.shape[0]
   t = score_timesteps(k_t, b, cfg)
   x_sg = jax.lax.stop_gradient(x)
-  x_t = add_noise(x_sg, jax.random.normal(k_n, x.shape, x.dtype), t / 1000.0)
+  x_t = add_noise(x_sg, jax.random.normal(k_n, x.shape, x.dtype),
+                  schedule.timestep_sigma(t, cfg.num_train_timesteps))
   real = real_score_x0(model_cfg, jax.lax.stop_gradient(teacher_params), cond, x_t, t, text,
                        uncond_text, cfg.real_guidance)
   fake = fake_score_x0(model_cfg, jax.lax.stop_gradient(critic_params), cond, x_t, t, text)
@@ -161,14 +158,15 @@ def generator_dmd_loss(model_cfg, x, teacher_params, critic_params, cond, text, 
 
 
 def critic_flow_loss(model_cfg, critic_params, x, cond, text, key,
-                     cfg: ScoreConfig = ScoreConfig()):
-  """The critic's flow-matching loss on generator samples x (treated as data: sg)."""
+                     cfg: ScoreConfig = ScoreConfig(), mask=None):
+  """The critic's flow-matching loss on generator samples x (treated as data: sg); `mask`
+  [B, F] leaves frames out of the mean (stage 4: stories with fewer shots)."""
   k_t, k_n = jax.random.split(key)
   t = score_timesteps(k_t, x.shape[0], cfg)
   x = jax.lax.stop_gradient(x)
   noise = jax.random.normal(k_n, x.shape, x.dtype)
-  x_t = add_noise(x, noise, t / 1000.0)
+  x_t = add_noise(x, noise, schedule.timestep_sigma(t, cfg.num_train_timesteps))
   v = teacher_lib.frameconcat_velocity(model_cfg, critic_params, cond, x_t, t, text)
-  loss = jnp.mean((v - flow_target(x, noise)) ** 2)
+  loss = masked_mean((v - flow_target(x, noise)) ** 2, mask)
   return loss, {'critic_loss': loss, 'critic_timestep': jnp.mean(t)}
 

@@ -1,10 +1,10 @@
 """Stage 2, ODE init: the block-causal student regresses the teacher's ODE endpoints (DESIGN 4.5.2).
 
 Networks: 'generator' (the causal student, trained) and 'teacher' (frozen). The teacher is a
-network of the train state so that the loop shards and checkpoints it like any other, but its
-optimizer section must train nothing (`optim.teacher.trainable` = FROZEN_REGEX): its params get
-the loop's `set_to_zero` transform, which holds no optimizer state, and the loss reads them
-through stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from`
+network of the train state so that the loop shards and checkpoints it like any other, but the
+stage does not train it (`trained()` leaves it out): its params get the frozen `set_to_zero`
+transform (training/optim.py), which holds no optimizer state, and the loss reads them through
+stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from`
 ('' = random, tests only; training/init.py lists the accepted formats); the teacher from
 `ode.teacher_from` ('' = a copy of the generator's initial weights: with init_from a stage-1 run
 that is the reference's "student initialised from the teacher"; from Wan's random init the
@@ -30,7 +30,6 @@ num_steps x 2 teacher forwards without gradient.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +41,10 @@ from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import sharding as sharding_lib
+from shotstream_jax.training import stage as stage_lib
 from shotstream_jax.training import teacher_stage
 
 GENERATOR, TEACHER = 'generator', 'teacher'
-FROZEN_REGEX = '(?!)'   # matches nothing: optim.teacher.trainable of this stage
 
 
 def make_example(record, rng: np.random.Generator, *, negative: np.ndarray, context_frames: int,
@@ -96,12 +95,12 @@ def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: flo
   return loss, dict(aux, teacher_x0_std=jnp.std(trajectory[:, -1]))
 
 
-class OdeInitStage:
-  """Stage 2 for train_loop.train: 'generator' trained, 'teacher' frozen (see module doc)."""
+class OdeInitStage(stage_lib.Stage):
+  """Stage 2: 'generator' trained, 'teacher' frozen (see module doc)."""
   networks = (GENERATOR, TEACHER)
 
   def __init__(self, config, workdir: str):
-    self.config = config
+    super().__init__(config, workdir)
     oc = config.ode
     n = config.model.chunk_frames
     if oc.target_frames < 1 or oc.target_frames % n:
@@ -124,7 +123,7 @@ class OdeInitStage:
     if oc.init_network not in (GENERATOR, TEACHER):
       raise ValueError(f'ode.init_network: unknown {oc.init_network!r}; accepted: '
                        f'{GENERATOR}, {TEACHER}')
-    self._check_frozen(config)
+    self.check_frozen_sections()
     self.model = dit.WanDiT(config.model)
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     negative = data_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
@@ -136,18 +135,8 @@ class OdeInitStage:
         ode_loss, config.model, target_frames=oc.target_frames, guidance=oc.guidance,
         num_steps=oc.num_steps, shift=config.sampling.shift, save_steps=save_steps)
 
-  @staticmethod
-  def _check_frozen(config):
-    if TEACHER not in config.optim:
-      raise ValueError('optim.teacher: required (the frozen teacher); use '
-                       f"common.adamw(..., trainable='{FROZEN_REGEX}')")
-    pattern = config.optim.teacher.trainable
-    names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in
-             jax.tree_util.tree_flatten_with_path(dit.param_shapes(config.model))[0]]
-    hit = [name for name in names if not pattern or re.search(pattern, name)]
-    if hit:
-      raise ValueError(f'optim.teacher.trainable: must match no param (the teacher is frozen; '
-                       f"use '{FROZEN_REGEX}'), got {pattern!r} matching {hit[0]!r}")
+  def trained(self):
+    return {GENERATOR: GENERATOR}
 
   def boxed_shapes(self):
     shapes = sharding_lib.dit_boxed_shapes(self.config.model)

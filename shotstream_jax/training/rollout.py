@@ -13,7 +13,7 @@ decoded and re-encoded outputs of the earlier shots of this rollout (VAE decode 
 rule of context.py -> each chosen frame encoded alone), all under `stop_gradient`.
 """
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -125,18 +125,32 @@ class ShotRollout(NamedTuple):
   rollout: Rollout
   plan: causal.ShotPlan         # what the student conditioned on
   cond: teacher.FrameConcat     # the same for the real / fake scores
-  rows: jax.Array               # [Cf + 1, L, text_dim] caption table (for the scores' text)
+  rows: jax.Array               # [B R, L, text_dim] the batch's caption tables, stacked
+
+
+def batch_plan(model_cfg, params, ctx_latents, ctx_shot, ctx_caption, gen_shot, gen_caption,
+               rows):
+  """(ShotPlan, caption table) of a batch whose examples have their own caption tables
+  rows [B, R, L, text_dim]: the tables are stacked into one [B R, L, text_dim] and each
+  example's caption ids offset by R b. Text K/V under `stop_gradient` (as the reference)."""
+  b, r = rows.shape[:2]
+  off = r * jnp.arange(b, dtype=jnp.int32)
+  table = rows.reshape((b * r,) + rows.shape[2:])
+  text_kv = sg(dit.WanTextKV(model_cfg).apply({'params': sg(params)}, table))
+  plan = causal.ShotPlan(sg(ctx_latents), ctx_shot, ctx_caption + off[:, None], gen_shot,
+                         gen_caption + off, text_kv)
+  return plan, table
 
 
 def shot_plan(model_cfg, params, ctx_latents, choice: context_lib.ContextChoice, caption_rows):
-  """ShotPlan of one shot: caption table rows gathered from per-shot prompt embeddings
-  caption_rows [S, L, text_dim]; text K/V under `stop_gradient` (as the reference)."""
+  """(ShotPlan, caption table) of one shot of every story of a batch: its caption table rows
+  gathered from per-shot prompt embeddings caption_rows [B, S, L, text_dim]; every story has the
+  same shot lengths, so one context choice serves the batch."""
   b = ctx_latents.shape[0]
-  rows = caption_rows[np.asarray(choice.caption_shots)]
-  text_kv = sg(dit.WanTextKV(model_cfg).apply({'params': sg(params)}, rows))
   rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
-  return causal.ShotPlan(sg(ctx_latents), rep(choice.ctx_shot), rep(choice.ctx_caption),
-                         rep(choice.gen_shot), rep(choice.gen_caption), text_kv), rows
+  return batch_plan(model_cfg, params, ctx_latents, rep(choice.ctx_shot),
+                    rep(choice.ctx_caption), rep(choice.gen_shot), rep(choice.gen_caption),
+                    caption_rows[:, np.asarray(choice.caption_shots)])
 
 
 def history_context(vae, vae_params, decoded: Sequence[jax.Array], budget: int,
@@ -153,25 +167,35 @@ def history_context(vae, vae_params, decoded: Sequence[jax.Array], budget: int,
 
 
 def rollout_story(sampler: causal.CausalSampler, vae, vae_params, params, caption_rows, key,
-                  exit_steps, batch: int = 1,
-                  history_params=None) -> List[ShotRollout]:
-  """Every shot of a sample in order (stage 4), later shots conditioned on the decoded and
-  re-encoded rollouts of the earlier ones.
+                  exit_steps, history_params=None, roll_out: Optional[Callable] = None,
+                  carry=None) -> Tuple[List[ShotRollout], Any]:
+  """Every shot of a batch of stories in order (stage 4), later shots conditioned on the
+  decoded and re-encoded rollouts of the earlier ones.
 
-  caption_rows: [S, L, text_dim] prompt embeddings of the S shots (`global + "shotI:" + ...`).
+  caption_rows: [B, S, L, text_dim] prompt embeddings of the S shots of each story
+    (`global + "shotI:" + ...`).
   key: shot s uses fold_in(key, s) (as `StorySession`); exit_steps: [S] one per shot.
-  Returns per shot its rollout (gradient only through its own exit forwards) and what the DMD
-  losses need. The history (decode, context choice, encode) carries no gradient.
+  roll_out(carry, s, plan, table, key, exit_step) -> (carry, latents [B, F, ...]): how a shot
+    is rolled out once its plan is known; default `rollout_shot` (the DMD generator step takes
+    each shot's gradient in its own). `carry` threads through it.
+  Returns (per shot its rollout and what the DMD losses need, the final carry). Only the
+  rolled-out latents carry gradient; the history (decode, context choice, encode) does not.
   """
   m = sampler.model_cfg
+  text_params = params if history_params is None else history_params
+  if roll_out is None:
+    def roll_out(c, s, plan, table, k, exit_step):
+      del s, table
+      return c, rollout_shot(sampler, params, plan, k, exit_step, history_params).latents
+  num_shots, batch = caption_rows.shape[1], caption_rows.shape[0]
   decoded, out = [], []
-  for s in range(caption_rows.shape[0]):
+  for s in range(num_shots):
     ctx, choice = history_context(vae, vae_params, decoded, m.context_frames,
                                   (batch,) + sampler.latent_hw + (m.in_channels,))
-    plan, rows = shot_plan(m, params if history_params is None else history_params, ctx, choice,
-                           caption_rows)
-    roll = rollout_shot(sampler, params, plan, jax.random.fold_in(key, s), exit_steps[s],
-                        history_params)
-    out.append(ShotRollout(roll, plan, frameconcat(plan, roll.latents.shape[1]), rows))
-    decoded.append(sg(vae_lib.decode(vae, vae_params, sg(roll.latents))))
-  return out
+    plan, table = shot_plan(m, text_params, ctx, choice, caption_rows)
+    carry, x = roll_out(carry, s, plan, table, jax.random.fold_in(key, s), exit_steps[s])
+    out.append(ShotRollout(Rollout(x, jnp.asarray(exit_steps[s], jnp.int32)), plan,
+                           frameconcat(plan, x.shape[1]), table))
+    if s + 1 < num_shots:
+      decoded.append(sg(vae_lib.decode(vae, vae_params, sg(x))))
+  return out, carry

@@ -2,7 +2,7 @@
 
     mesh = make_mesh(config.mesh)                        # axes ('data', 'fsdp', 'tensor')
     rules = logical_rules(config)                        # ('embed', 'fsdp'), ('heads', 'tensor'), ...
-    shardings = dit_param_shardings(config.model, mesh, rules)
+    shardings = shardings_from_boxed(dit_boxed_shapes(config.model), mesh, rules)
     params = jax.device_put(params, shardings)           # FSDP-sharded
     batch = shard_batch(host_batch, mesh)                # leading axis over ('data', 'fsdp')
 
@@ -104,10 +104,6 @@ def dit_boxed_shapes(model_cfg):
   return variables['params']
 
 
-def dit_param_shardings(model_cfg, mesh: Mesh, rules) -> Any:
-  return shardings_from_boxed(dit_boxed_shapes(model_cfg), mesh, rules)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -137,7 +133,3 @@ def batch_shardings(batch, mesh: Mesh):
   """The NamedSharding of every leaf of a batch (for jit's in_shardings)."""
   return jax.tree.map(lambda x: batch_sharding(mesh, len(np.shape(x)) if not hasattr(x, 'ndim')
                                                 else x.ndim), batch)
-
-
-def shard_params(params, shardings):
-  return jax.device_put(params, shardings)

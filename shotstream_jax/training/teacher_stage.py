@@ -39,6 +39,7 @@ from shotstream_jax.sampling import schedule
 from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import sharding as sharding_lib
+from shotstream_jax.training import stage as stage_lib
 
 TARGET_SHOT = ('random', 'last')
 WEIGHTINGS = ('bump', 'uniform', 'snr_clamp')
@@ -181,12 +182,12 @@ def context_frames(config) -> int:
   return config.model.context_frames if config.teacher.use_context else 0
 
 
-class TeacherStage:
-  """Stage 1 for train_loop.train: one network, 'teacher'."""
+class TeacherStage(stage_lib.Stage):
+  """Stage 1: one network, 'teacher'."""
   networks = ('teacher',)
 
   def __init__(self, config, workdir: str):
-    self.config = config
+    super().__init__(config, workdir)
     tc = config.teacher
     self.model = dit.WanDiT(config.model)
     sigmas = schedule.shifted_grid(config.sampling.num_train_timesteps, config.sampling.shift)

@@ -2,31 +2,17 @@
 
     state = train(config, workdir)        # config: configs/train/<stage>.py:get_config(preset)
 
-A *stage* (stage 1 teacher: training/teacher_stage.py) supplies the networks and the loss:
-
-    stage.networks                          names of the param subtrees, e.g. ('teacher',)
-    stage.boxed_shapes()                    {net: logically-boxed param shapes} (for shardings)
-    stage.init_params(key)                  {net: params}, unboxed (random or loaded)
-    stage.loss(params, batch, key)          -> (scalar loss, {name: scalar}) inside jit
-    stage.train_iterator(index, count, batch_size)   grain iterator with get/set_state
-    stage.eval_batches(batch_size)          host batches for held-out metrics (or [])
-    stage.eval_metrics(params, batch, key)  -> {name: scalar} inside jit
-
-The loop owns everything else: mesh and shardings, AdamW per network (`config.optim.<net>`:
-lr, betas, weight decay, clipping by that network's global norm, a regex of trainable params),
-the `TrainState` pytree (params, opt_state, step, rng) checkpointed with the data position,
-automatic resume, non-finite guards, jsonl + TensorBoard metrics and a progress bar.
-Stages with another update rule (DMD: generator every N steps) can pass their own
-`stage.train_step(tx) -> step(state, batch) -> (state, metrics)`; the guard and the rest apply.
-Stages with frozen networks or their own param labels (DMD: teacher, LoRA bases) can pass
-`stage.optimizer() -> optax.GradientTransformation` in place of `make_optimizer`.
+A *stage* (training/stage.py: `Stage`) supplies the networks, their init, the data and the
+loss; the loop owns everything else: mesh and shardings, the stage's optimizer (AdamW per trained
+network, training/optim.py), the `TrainState` pytree (params, opt_state, step, rng, EMA)
+checkpointed with the data position, automatic resume, non-finite guards, jsonl + TensorBoard
+metrics and a progress bar.
 """
 
 import contextlib
 import importlib
 import logging
 import os
-import re
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -34,12 +20,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 from shotstream_jax import checkpoints
 from shotstream_jax.training import checkpoint as ckpt_lib
 from shotstream_jax.training import metrics as metrics_lib
+from shotstream_jax.training import optim as optim_lib
 from shotstream_jax.training import sharding as sharding_lib
 
 # config.stage -> 'module:Class' (imported lazily, so stages are independent files).
@@ -50,7 +36,6 @@ STAGES = {
     'dmd_intra': 'shotstream_jax.training.dmd_stage:DmdStage',
     'dmd_inter': 'shotstream_jax.training.dmd_stage:DmdStage',
 }
-FROZEN = 'frozen'
 CONFIG_FILE = 'config.json'   # the run's config, written into its workdir
 
 
@@ -76,93 +61,11 @@ def get_stage(config, workdir: str):
   return getattr(importlib.import_module(module), cls)(config, workdir)
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-
-def param_labels(params, optim_cfg) -> Any:
-  """Per-leaf optimizer label: the network name if its `trainable` regex matches, else frozen.
-
-  The regex is searched in the param path joined by '/', e.g. 'blocks/self_attn/q/kernel';
-  '' trains every param of the network.
-  """
-  def label(path, _):
-    net = str(getattr(path[0], 'key', path[0]))
-    pattern = optim_cfg[net].trainable
-    name = '/'.join(str(getattr(p, 'key', p)) for p in path[1:])
-    return net if not pattern or re.search(pattern, name) else FROZEN
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def learning_rate(cfg) -> optax.Schedule:
-  """Linear warm-up over `warmup_steps`, then constant, or with `decay_steps` > 0 a cosine
-  decay to `lr * final_lr_fraction` at step `decay_steps`."""
-  if cfg.warmup_steps < 0:
-    raise ValueError(f'optim.warmup_steps: must be >= 0, got {cfg.warmup_steps}')
-  decay = cfg.get('decay_steps', 0)
-  if decay:
-    if decay <= cfg.warmup_steps:
-      raise ValueError(f'optim.decay_steps: must exceed warmup_steps ({cfg.warmup_steps}), '
-                       f'got {decay}')
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay,
-                                              cfg.lr * cfg.get('final_lr_fraction', 0.0))
-  if cfg.warmup_steps == 0:
-    return optax.constant_schedule(cfg.lr)
-  return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-
-
-def network_optimizer(cfg) -> optax.GradientTransformation:
-  """Clip by this network's global norm, then AdamW (decoupled decay, as torch.optim.AdamW)."""
-  parts = []
-  if cfg.clip and cfg.clip > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip))
-  parts.append(optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay))
-  return optax.chain(*parts)
-
-
-def make_optimizer(optim_cfg, networks) -> optax.GradientTransformation:
-  """One optimizer per network (own clipping and lr); params outside `trainable` are frozen."""
-  nets = sorted(networks)
-  missing = [n for n in nets if n not in optim_cfg]
-  if missing:
-    raise ValueError(f'optim: no section for network(s) {missing}; have {list(optim_cfg)}')
-  transforms = {n: network_optimizer(optim_cfg[n]) for n in nets}
-  transforms[FROZEN] = optax.set_to_zero()
-  return optax.multi_transform(transforms, lambda p: param_labels(p, optim_cfg))
-
-
 # ----------------------------------------------------------------------------- step
 
 
 def _tree_where(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
-def default_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """step(state, batch) -> (state, metrics): grad of loss_fn, optimizer update."""
-  def step(state: TrainState, batch):
-    key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, sub)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux, loss=loss)
-    for net in grads:
-      metrics[f'grad_norm/{net}'] = optax.tree.norm(grads[net])
-    return state.replace(params=params, opt_state=opt_state,
-                         rng=jax.random.key_data(key)), metrics
-  return step
-
-
-def ema_decays(optim_cfg, networks) -> Dict[str, float]:
-  """{network: decay} of the networks that keep an EMA (`optim.<net>.ema_decay` > 0)."""
-  out = {}
-  for net in networks:
-    decay = optim_cfg[net].get('ema_decay', 0.0) if net in optim_cfg else 0.0
-    if not 0.0 <= decay < 1.0:
-      raise ValueError(f'optim.{net}.ema_decay: must be in [0, 1), got {decay}')
-    if decay:
-      out[net] = float(decay)
-  return out
 
 
 def with_ema(step_fn: Callable, decays: Dict[str, float]) -> Callable:
@@ -231,16 +134,11 @@ def window_means(window) -> Dict[str, float]:
 
 def stage_step(config, stage):
   """(optimizer, {network: EMA decay}, step(state, batch) -> (state, metrics)) of a stage:
-  its own `optimizer` / `train_step` where it has them, else AdamW per network and the
-  default step; the EMA and the non-finite guard around either. What `train` runs and what
+  its `optimizer()` and `train_step()` with the EMA and the non-finite guard around them. What `train` runs and what
   `launch/aot.py` compiles for a chip it does not have (shotstream_jax/aot_train.py)."""
-  make_tx = getattr(stage, 'optimizer', None)
-  tx = make_tx() if make_tx else make_optimizer(config.optim, stage.networks)
-  decays = ema_decays(config.optim, stage.networks)
-  make_step = getattr(stage, 'train_step', None)
-  step_fn = guarded(with_ema(make_step(tx) if make_step else
-                             default_train_step(stage.loss, tx), decays))
-  return tx, decays, step_fn
+  tx = stage.optimizer()
+  decays = optim_lib.ema_decays(config.optim, stage.networks)
+  return tx, decays, guarded(with_ema(stage.train_step(tx), decays))
 
 
 def jit_step(step_fn, shardings, batch_shardings, mesh, donate: bool):

@@ -48,6 +48,7 @@ import numpy as np
 from shotstream_jax.io.video import to_unit
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import stage as stage_lib
 
 VAE = 'vae'
 DECODER_MODULES = ('decoder', 'post_quant_conv')   # what `vae_train.fresh_decoder` re-initialises
@@ -191,12 +192,12 @@ def heldout_metrics(vae, params, batch):
           'latent_drift': latent_drift(vae, params, x, _encode_mu(vae, params, x))}
 
 
-class VaeStage:
-  """Stage 0 for train_loop.train: one network, 'vae'."""
+class VaeStage(stage_lib.Stage):
+  """Stage 0: one network, 'vae'."""
   networks = (VAE,)
 
   def __init__(self, config, workdir: str):
-    self.config = config
+    super().__init__(config, workdir)
     vt = config.vae_train
     if config.data.source != 'storyworld':
       raise ValueError(f'data.source: the VAE stage trains on StoryWorld pixels; got '
