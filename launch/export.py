@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shotstream_jax import loading
 
 _CONFIG = cli.define_config_file('config', 'configs/train/dmd_intra.py:tiny',
                                  'The training run\'s config.')
@@ -35,18 +36,17 @@ def export(config, workdir: str, network: str, out: str) -> str:
   from shotstream_jax import checkpoints
   from shotstream_jax.convert import dit as dit_convert
   from shotstream_jax.models import lora as lora_lib
-  from shotstream_jax.training import init
   if not os.path.exists(workdir):
     raise FileNotFoundError(f'--workdir: {workdir} does not exist')
   out = cli.check_new_path(out, '--out')
   lora_cfg = config.get('lora')
   use_lora = bool(lora_cfg and lora_cfg.enabled and network in ('generator', 'critic'))
   nets = [network] + ([f'{network}_lora'] if use_lora else [])
-  restored = init.restore_networks(workdir, nets)
+  restored = loading.restore_networks(workdir, nets)
   params = restored[network]
   if use_lora:
     params = lora_lib.merge(params, restored[f'{network}_lora'], lora_lib.as_config(lora_cfg))
-  init.check_shapes(params, config.model, workdir, '--config')
+  loading.check_shapes(params, config.model, workdir, '--config')
   if out.endswith('.safetensors'):
     from safetensors import numpy as st_numpy
     state = {'model.' + k: np.ascontiguousarray(v)

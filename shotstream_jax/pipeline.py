@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -30,10 +29,10 @@ import numpy as np
 from shotstream_jax import context as context_lib
 from shotstream_jax.data import prompts as prompts_lib
 from shotstream_jax.io.video import to_uint8
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
-from shotstream_jax.models import umt5
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
 from shotstream_jax.sampling import story as story_lib
@@ -100,11 +99,10 @@ class ShotStats:
 def load_dit_params(config, path: str):
   """DiT params for generation from a Wan / ShotStream / diffusers file, our orbax params
   directory, or a training workdir / checkpoint step of ours (its 'generator' network)."""
-  from shotstream_jax.training import init  # pylint: disable=g-import-not-at-top
   if not path:
     raise ValueError('--ckpt: a checkpoint path is required')
-  init.check_run_config(path, config)
-  return init.load_network_params(path, 'generator', config.model, field='--ckpt')
+  loading.check_run_config(path, config)
+  return loading.load_network_params(path, 'generator', config.model, field='--ckpt')
 
 
 class ShotStreamPipeline:
@@ -168,48 +166,26 @@ class ShotStreamPipeline:
     milliseconds, and unlike Wan's zero-initialised head it makes outputs depend on the whole
     network.
     """
-    dit_params = random_init.embedded_dit(config.model, seed)
-    vae_params = random_init.embedded_vae(config.vae, seed)
-    text_params = random_init.embedded_text(config.text, seed)
-    tokenizer = tokenizer or tokenizer_lib.HashTokenizer(config.text.text_len,
-                                                         config.text.vocab_size)
-    return cls(config, dit_params, vae_params,
-               text_lib.PromptEncoder(text_params, config.text, tokenizer))
+    return cls(config, random_init.embedded_dit(config.model, seed),
+               random_init.embedded_vae(config.vae, seed),
+               loading.embedded_prompt_encoder(config, seed, tokenizer))
 
   @classmethod
   def with_embedded_encoders(cls, config, dit_path: str, seed: int = 0):
     """A trained DiT with the embedded (random, `seed`) VAE and text encoder: how a `tiny`
     student trained on StoryWorld (encoded by those same draws) is meant to be run."""
-    tokenizer = tokenizer_lib.HashTokenizer(config.text.text_len, config.text.vocab_size)
     return cls(config, load_dit_params(config, dit_path),
                random_init.embedded_vae(config.vae, seed),
-               text_lib.PromptEncoder(random_init.embedded_text(config.text, seed), config.text,
-                                      tokenizer))
+               loading.embedded_prompt_encoder(config, seed))
 
   @classmethod
   def load(cls, config, dit_path: str, vae_path: str, text_path: str, tokenizer_path: str):
     """Weights from published files (.safetensors / .pt / .pth) or our orbax directories;
-    the DiT also from a training workdir of ours (its 'generator')."""
-    from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
-
-    def get(path, load_file, shapes, what):
-      if not path:
-        raise ValueError(f'{what}: a checkpoint path is required')
-      if os.path.isdir(path):
-        return checkpoints.restore_params(path, shapes)   # refuses NaN/Inf itself
-      params = load_file(path)
-      bad = checkpoints.nonfinite_paths(params)
-      if bad:   # would decode / condition every video into black or noise, with exit 0
-        raise ValueError(f'{what}: {path} holds non-finite weights (NaN/Inf at {bad})')
-      return params
-
+    the DiT also from a training workdir of ours (its 'generator'). shotstream_jax/loading.py
+    reads them all."""
     dit_params = load_dit_params(config, dit_path)
-    vae_params = get(vae_path, lambda p: vae_convert.load_vae(p, config.vae),
-                     vae_lib.param_shapes(vae_lib.WanVAE(config.vae)), '--vae')
-    text_params = get(text_path, lambda p: umt5_convert.load_umt5(p, config.text),
-                      umt5.param_shapes(config.text), '--text_encoder')
+    vae_params = loading.load_vae(vae_path, config.vae, '--vae')
+    text_params = loading.load_text(text_path, config.text, '--text_encoder')
     tokenizer = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)
     return cls(config, dit_params, vae_params,
                text_lib.PromptEncoder(text_params, config.text, tokenizer))

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from shotstream_jax import embedded
-from shotstream_jax import pipeline
 from shotstream_jax.eval import teacher_probe
+from shotstream_jax import loading
+from shotstream_jax import pipeline
 from shotstream_jax.training import chain as chain_lib
-from shotstream_jax.training import init as init_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -63,7 +63,7 @@ def test_chain_end_to_end(tmp_path):
   with pytest.raises(ValueError, match=r'model.eps=0.001: .* with the preset default'):
     chain_lib.Chain(root, 'storyworld', {'model': {'model.eps': 1e-3}})
   # Stage 0b trained the decoder on from stage 0 and left the encoder (the latents) bit for bit.
-  first, second = (init_lib.restore_networks(ch.workdir(s), ['vae'])['vae']
+  first, second = (loading.restore_networks(ch.workdir(s), ['vae'])['vae']
                    for s in ('vae', 'vae_decoder'))
   for part in ('encoder', 'quant_conv'):
     for a, b in zip(jax.tree.leaves(first[part]), jax.tree.leaves(second[part])):

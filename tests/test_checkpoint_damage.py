@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from shotstream_jax import checkpoints
+from shotstream_jax import loading
 from shotstream_jax.training import checkpoint as ckpt_lib
-from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import train_loop
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,7 +36,7 @@ def _steps(workdir):
 
 def _saved_params_finite(workdir):
   for step in _steps(workdir):
-    params = init_lib.restore_networks(os.path.join(workdir, 'checkpoints', str(step)),
+    params = loading.restore_networks(os.path.join(workdir, 'checkpoints', str(step)),
                                        ['teacher'])
     assert not checkpoints.nonfinite_paths(params), (workdir, step)
 
@@ -80,13 +80,13 @@ def test_networks_from_workdir_skip_damaged_step(base_run, data_dir, tmp_path, h
   base, _ = base_run
   work = str(tmp_path / how)
   shutil.copytree(base, work)
-  want = init_lib.restore_networks(os.path.join(base, 'checkpoints', '2'), ['teacher'])
+  want = loading.restore_networks(os.path.join(base, 'checkpoints', '2'), ['teacher'])
   checkpoint_faults.damage(os.path.join(work, 'checkpoints', '4'), how)
-  got = init_lib.restore_networks(work, ['teacher'])
+  got = loading.restore_networks(work, ['teacher'])
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c = _config(data_dir)
-  via_init = init_lib.load_network_params(work, 'teacher', c.model)
+  via_init = loading.load_network_params(work, 'teacher', c.model)
   for a, b in zip(jax.tree.leaves(via_init), jax.tree.leaves(want['teacher'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -12,11 +12,11 @@ import pytest
 
 from shotstream_jax import checkpoints
 from shotstream_jax.convert import dit as dit_convert
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.training import checkpoint as ckpt_lib
-from shotstream_jax.training import init
 from shotstream_jax.training import train_loop
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,7 +77,7 @@ def test_export_cli_errors(tmp_path):
   config = dmd_inter.get_config('tiny')
   _write_run(str(tmp_path / 'run'), config)
   with pytest.raises(ValueError, match=r"--workdir: checkpoint .* has no network\(s\) \['vae'\]"):
-    init.restore_networks(str(tmp_path / 'run'), ['vae'])
+    loading.restore_networks(str(tmp_path / 'run'), ['vae'])
   repo = train_fixtures.REPO
   cmd = [sys.executable, os.path.join(repo, 'launch', 'export.py'),
          f'--config={os.path.join(repo, "configs", "train", "dmd_inter.py")}:tiny']

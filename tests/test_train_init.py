@@ -1,4 +1,4 @@
-"""training/init.py: a network's params from a training workdir, a step dir, an orbax dir or a
+"""loading.py: a network's params from a training workdir, a step dir, an orbax dir or a
 Wan-layout safetensors file; stage 1 initialised from a workdir through it."""
 
 import os
@@ -12,7 +12,7 @@ from safetensors import numpy as safetensors_numpy
 from configs import shotstream
 from shotstream_jax import checkpoints
 from shotstream_jax.convert import dit as convert_dit
-from shotstream_jax.training import init
+from shotstream_jax import loading
 from shotstream_jax.training import sharding
 from shotstream_jax.training import teacher_stage
 from shotstream_jax.training import train_loop
@@ -33,11 +33,11 @@ def test_load_from_workdir_step_dir_and_orbax_dir(tmp_path_factory, tmp_path):
   workdir = str(tmp_path / 'teacher')
   state = train_loop.train(c, workdir)
   want = state.params['teacher']
-  _assert_equal(init.load_network_params(workdir, 'teacher', c.model), want)
-  _assert_equal(init.load_network_params(os.path.join(workdir, 'checkpoints', '1'), 'teacher',
+  _assert_equal(loading.load_network_params(workdir, 'teacher', c.model), want)
+  _assert_equal(loading.load_network_params(os.path.join(workdir, 'checkpoints', '1'), 'teacher',
                                          c.model), want)
   with pytest.raises(ValueError, match=r"init_from: .* no network 'generator'"):
-    init.load_network_params(workdir, 'generator', c.model)
+    loading.load_network_params(workdir, 'generator', c.model)
 
   # Stage 1 resumed from its own workdir through teacher.init_from.
   stage = teacher_stage.TeacherStage(c, str(tmp_path / 'again'))
@@ -49,22 +49,22 @@ def test_load_from_workdir_step_dir_and_orbax_dir(tmp_path_factory, tmp_path):
 
   st_file = str(tmp_path / 'diffusion_pytorch_model.safetensors')
   safetensors_numpy.save_file(convert_dit.dit_to_torch(want, c.model), st_file)
-  _assert_equal(init.load_network_params(st_file, 'any', c.model), want)
+  _assert_equal(loading.load_network_params(st_file, 'any', c.model), want)
 
   orbax_dir = checkpoints.save_params(str(tmp_path / 'params'), want)
-  _assert_equal(init.load_network_params(orbax_dir, 'teacher', c.model), want)
+  _assert_equal(loading.load_network_params(orbax_dir, 'teacher', c.model), want)
   other = c.model.copy_and_resolve_references()
   other.num_layers = c.model.num_layers + 1
   with pytest.raises(ValueError, match='ode.init_from: .*model config'):
-    init.load_network_params(orbax_dir, 'teacher', other, field='ode.init_from')
+    loading.load_network_params(orbax_dir, 'teacher', other, field='ode.init_from')
 
 
 def test_missing_or_empty_path(tmp_path):
   cfg = shotstream.model_config('tiny')
   with pytest.raises(FileNotFoundError, match='x.init_from: .* does not exist'):
-    init.load_network_params(str(tmp_path / 'nope'), 'teacher', cfg, field='x.init_from')
+    loading.load_network_params(str(tmp_path / 'nope'), 'teacher', cfg, field='x.init_from')
   with pytest.raises(ValueError, match='x.init_from: empty path'):
-    init.load_network_params('', 'teacher', cfg, field='x.init_from')
+    loading.load_network_params('', 'teacher', cfg, field='x.init_from')
   os.makedirs(tmp_path / 'empty' / 'checkpoints')
   with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
-    init.load_network_params(str(tmp_path / 'empty'), 'teacher', cfg)
+    loading.load_network_params(str(tmp_path / 'empty'), 'teacher', cfg)

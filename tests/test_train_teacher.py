@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from shotstream_jax import context as context_lib
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.models import random_init
 from shotstream_jax.sampling import schedule
@@ -300,7 +301,6 @@ def test_ema_tracks_the_weights_and_loaders_read_it(data_dir, tmp_path):
   """optim.teacher.ema_decay > 0: the state keeps an EMA equal to the recurrence written out on
   the host from every step's params (rate min(decay, (1+n)/(10+n))); it is checkpointed,
   resumed, and what `load_network_params` / `restore_networks` give for the workdir."""
-  from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
   decay = 0.6
   c = train_fixtures.tiny_config(data_dir, **{
       'optim.teacher.ema_decay': decay, 'train.num_steps': 6, 'train.checkpoint_every': 3})
@@ -326,8 +326,8 @@ def test_ema_tracks_the_weights_and_loaders_read_it(data_dir, tmp_path):
   raw = jax.device_get(final.params['teacher'])
   assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(ema),
                                                          jax.tree.leaves(raw)))
-  for loaded in (init_lib.load_network_params(workdir, 'teacher', c.model),
-                 init_lib.restore_networks(workdir, ['teacher'])['teacher']):
+  for loaded in (loading.load_network_params(workdir, 'teacher', c.model),
+                 loading.restore_networks(workdir, ['teacher'])['teacher']):
     for a, b in zip(jax.tree.leaves(jax.device_get(loaded)), jax.tree.leaves(ema)):
       np.testing.assert_array_equal(a, b)
 

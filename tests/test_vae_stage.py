@@ -10,8 +10,8 @@ import pytest
 from configs.train import vae as vae_config
 from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.io.video import to_unit
+from shotstream_jax import loading
 from shotstream_jax.models import vae as vae_lib
-from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import chain as chain_lib
 from shotstream_jax.training import metrics as metrics_lib
 from shotstream_jax.training import train_loop
@@ -95,7 +95,7 @@ def test_export_writes_a_wan_vae_with_normalised_latents(data_dir, run, tmp_path
   out = str(tmp_path / 'vae.safetensors')
   stats = vae_stage.export_vae(c, workdir, out, num_clips=4)
   assert os.path.exists(out[:-len('.safetensors')] + '.stats.json')
-  trained = init_lib.restore_networks(workdir, ['vae'])['vae']
+  trained = loading.restore_networks(workdir, ['vae'])['vae']
   exported = convert_vae.load_vae(out, c.vae)
   vae = vae_lib.WanVAE(c.vae)
   video = jax.random.uniform(jax.random.key(3), (1, 9, 32, 32, 3), minval=-1, maxval=1)

@@ -50,6 +50,7 @@ import numpy as np
 import tqdm
 
 from shotstream_jax import context as context_lib
+from shotstream_jax import loading
 from shotstream_jax import text as text_lib
 from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import prompts as prompts_lib
@@ -98,15 +99,6 @@ class Encoders:
     return np.asarray(self.prompt_encoder(prompt)[0, :length])
 
 
-def _load_params(path: str, what: str, loader):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{what}: checkpoint {path} does not exist')
-  if os.path.isdir(path):  # our own orbax export (launch/convert.py)
-    from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    return checkpoints.restore_params(path)
-  return loader(path)
-
-
 def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[str] = None,
                    tokenizer_path: Optional[str] = None, seed: int = 0) -> Encoders:
   """VAE + umT5 + tokenizer of `config` (configs/shotstream.py); random weights where no path.
@@ -114,8 +106,6 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
   Random weights are for tests and smoke runs; they are logged as warnings and recorded in the
   output's meta.json.
   """
-  from shotstream_jax.convert import umt5 as convert_umt5  # pylint: disable=g-import-not-at-top
-  from shotstream_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
   if tokenizer_path:
     tok = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)
     weights = {'tokenizer': os.path.abspath(tokenizer_path)}
@@ -128,7 +118,7 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
                      '<chain root>/export/tokenizer for storyworld)')
   vae = vae_lib.WanVAE(config.vae)
   if vae_path:
-    vae_params = _load_params(vae_path, 'vae', lambda p: convert_vae.load_vae(p, config.vae))
+    vae_params = loading.load_vae(vae_path, config.vae, 'vae')
     weights['vae'] = os.path.abspath(vae_path)
   else:
     logging.warning('vae: no checkpoint given: RANDOM VAE weights (seed %d); latents are '
@@ -136,8 +126,7 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
     vae_params = random_init.embedded_vae(config.vae, seed)
     weights['vae'] = f'embedded(seed={seed})'
   if text_path:
-    text_params = _load_params(text_path, 'text',
-                               lambda p: convert_umt5.load_umt5(p, config.text))
+    text_params = loading.load_text(text_path, config.text, 'text')
     weights['text'] = os.path.abspath(text_path)
   else:
     logging.warning('text: no checkpoint given: RANDOM umT5 weights (seed %d); embeddings are '

@@ -25,13 +25,14 @@ import jax
 import numpy as np
 import tqdm
 
-from shotstream_jax import pipeline as pipeline_lib
-from shotstream_jax import text as text_lib
 from shotstream_jax.data import storyworld as sw
 from shotstream_jax.eval import judge
 from shotstream_jax.io import video as video_io
+from shotstream_jax import loading
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import vae as vae_lib
+from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax import text as text_lib
 
 KEYS = ('overall', 'identity', 'adherence', 'cuts', 'smoothness', 'found')
 STUDENTS = ('stage 2 student', 'stage 3 student', 'stage 4 student')
@@ -77,10 +78,9 @@ def models_from_chain(root: str, preset: str = 'storyworld', overrides=None) -> 
   from shotstream_jax.convert import umt5 as umt5_convert
   from shotstream_jax.convert import vae as vae_convert
   from shotstream_jax.training import chain as chain_lib
-  from shotstream_jax.training import init as init_lib
   ch = chain_lib.Chain(root, preset, overrides)
   config = ch.model_config()
-  load = lambda step, net: init_lib.load_network_params(ch.source(step), net, config.model,
+  load = lambda step, net: loading.load_network_params(ch.source(step), net, config.model,
                                                         field=step)
   generators = {}
   for name, step in zip(STUDENTS, ('ode', 'dmd_intra', 'dmd_inter')):

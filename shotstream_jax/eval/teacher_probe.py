@@ -31,10 +31,10 @@ from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.data import precompute as pc
 from shotstream_jax.eval import judge as judge_lib
 from shotstream_jax.io.video import to_uint8
+from shotstream_jax import loading
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax.training import chain as chain_lib
-from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import teacher_stage
 
 SIGMAS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -50,7 +50,7 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   chain = chain_lib.Chain(root, preset, overrides)
   c = chain.config(stage)
   m = c.model
-  params = init_lib.load_network_params(chain.source(stage), 'teacher', m, field='root')
+  params = loading.load_network_params(chain.source(stage), 'teacher', m, field='root')
   ctx = teacher_stage.context_frames(c)
   frames = c.teacher.target_frames
   src = pc.PrecomputedSource(chain.heldout_dir)

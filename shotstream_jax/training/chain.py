@@ -38,6 +38,7 @@ import numpy as np
 
 from shotstream_jax.data import precompute as pc
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax import loading
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.training import data as data_lib
@@ -193,9 +194,8 @@ class Chain:
   def _model(self):
     from shotstream_jax import embedded  # pylint: disable=g-import-not-at-top
     from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
     config = self.model_config()
-    dit = init_lib.load_network_params(self.workdir('dmd_inter'), 'generator', config.model,
+    dit = loading.load_network_params(self.workdir('dmd_inter'), 'generator', config.model,
                                        field='dmd_inter')
     text = umt5_convert.load_umt5(self.text_file, config.text)
     manifest = {'made_by': 'launch/reproduce.py', 'preset': self.preset,
@@ -335,8 +335,7 @@ def apply_overrides(config, overrides: dict):
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
-  from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
-  ckpt = os.path.join(workdir, init_lib.CHECKPOINTS)
+  ckpt = os.path.join(workdir, loading.CHECKPOINTS)
   if not os.path.isdir(ckpt):
     return False
   steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]

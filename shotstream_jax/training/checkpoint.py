@@ -105,7 +105,7 @@ def newest_loadable(directory: str, steps: Sequence[int], load: Callable[[int], 
   """(step, load(step), skipped steps) for the newest step of `steps` that loads and whose
   `params_of(loaded)` is finite; None when `steps` is empty. Each skipped step is reported on
   stderr with its reason; ValueError when none loads. The one walk-back rule for resume
-  (Checkpointer.restore_latest) and for reading networks out of a workdir (training/init.py).
+  (Checkpointer.restore_latest) and for reading networks out of a workdir (loading.py).
   """
   from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
   skipped, reasons = [], []

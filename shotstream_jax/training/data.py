@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shotstream_jax import loading
 from shotstream_jax.data import loader as loader_lib
 from shotstream_jax.data import precompute as pc
+from shotstream_jax.models import random_init
+from shotstream_jax.models import vae as vae_lib
 
 SOURCES = ('storyworld', 'precomputed')
 NEGATIVES = ('auto', 'precomputed', 'zeros')
@@ -154,17 +157,10 @@ def precomputed_complete(out_dir: str) -> bool:
 
 def _encode_storyworld(data_cfg, config, sources, name, dirs):
   """Precompute StoryWorld with the preset's VAE / umT5 at random weights (`tiny` only)."""
-  # pylint: disable=g-import-not-at-top
-  from shotstream_jax import text as text_lib
-  from shotstream_jax.models import random_init, tokenizer
-  from shotstream_jax.models import vae as vae_lib
-  vae = vae_lib.WanVAE(config.vae)
   seed = data_cfg.encoder_seed
-  text_params = random_init.embedded_text(config.text, seed)
-  tok = tokenizer.HashTokenizer(config.text.text_len, config.text.vocab_size)
   encoders = pc.Encoders(
-      vae, random_init.embedded_vae(config.vae, seed),
-      text_lib.PromptEncoder(text_params, config.text, tok),
+      vae_lib.WanVAE(config.vae), random_init.embedded_vae(config.vae, seed),
+      loading.embedded_prompt_encoder(config, seed),
       {'vae': f'embedded(seed={seed})', 'text': f'embedded(seed={seed})', 'tokenizer': 'hash'})
   for split, out in zip(('train', 'heldout'), dirs):
     pc.precompute(sources[split], out, encoders, context_frames=config.model.context_frames,

@@ -34,7 +34,6 @@ state dict of the generator.
 """
 
 import functools
-import os
 from typing import Dict
 
 import flax
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
@@ -223,8 +223,7 @@ class DmdStage(stage_lib.Stage):
         self._random_init = jax.jit(lambda k: dit.init_params(self.config.model, k),
                                     out_shardings=sharding)
       return self._random_init(key)
-    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
-    return init_lib.load_network_params(path, network, self.config.model, sharding=sharding,
+    return loading.load_network_params(path, network, self.config.model, sharding=sharding,
                                         field=field)
 
   def _vae_params(self):
@@ -233,17 +232,10 @@ class DmdStage(stage_lib.Stage):
     cfg = self.config
     if cfg.data.source == 'storyworld':
       return random_init.embedded_vae(cfg.vae, cfg.data.encoder_seed)
-    path = cfg.dmd.vae_path
-    if not path:
+    if not cfg.dmd.vae_path:
       raise ValueError('dmd.vae_path: required for dmd_inter on precomputed data (the VAE that '
                        'encoded it, e.g. Wan2.1_VAE.pth)')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'dmd.vae_path: {path} does not exist')
-    if os.path.isdir(path):
-      from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
-      return checkpoints.restore_params(path)
-    from shotstream_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
-    return convert_vae.load_vae(path, cfg.vae)
+    return loading.load_vae(cfg.dmd.vae_path, cfg.vae, 'dmd.vae_path')
 
   def trained(self):
     """The generator and the critic (or their LoRA adapters), each with its role's section:

@@ -5,7 +5,7 @@ network of the train state so that the loop shards and checkpoints it like any o
 stage does not train it (`trained()` leaves it out): its params get the frozen `set_to_zero`
 transform (training/optim.py), which holds no optimizer state, and the loss reads them through
 stop_gradient. The generator starts from network `ode.init_network` of `ode.init_from`
-('' = random, tests only; training/init.py lists the accepted formats); the teacher from
+('' = random, tests only; loading.py lists the accepted formats); the teacher from
 `ode.teacher_from` ('' = a copy of the generator's initial weights: with init_from a stage-1 run
 that is the reference's "student initialised from the teacher"; from Wan's random init the
 output head is zero, so v = 0 and the loss is trivially 0).
@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax.training import data as data_lib
-from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import sharding as sharding_lib
 from shotstream_jax.training import stage as stage_lib
@@ -146,13 +146,13 @@ class OdeInitStage(stage_lib.Stage):
     """Generator from `ode.init_from` (or random); teacher from `ode.teacher_from` (or a copy)."""
     oc, model_cfg = self.config.ode, self.config.model
     if oc.init_from:
-      gen = init_lib.load_network_params(oc.init_from, oc.init_network, model_cfg,
+      gen = loading.load_network_params(oc.init_from, oc.init_network, model_cfg,
                                          sharding=shardings[GENERATOR], field='ode.init_from')
     else:
       gen = jax.jit(lambda k: dit.init_params(model_cfg, k),
                     out_shardings=shardings[GENERATOR])(key)
     if oc.teacher_from:
-      teacher = init_lib.load_network_params(oc.teacher_from, TEACHER, model_cfg,
+      teacher = loading.load_network_params(oc.teacher_from, TEACHER, model_cfg,
                                              sharding=shardings[TEACHER],
                                              field='ode.teacher_from')
     else:   # own buffers: the train state is donated

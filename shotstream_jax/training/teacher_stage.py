@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax import context as context_lib
+from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
 from shotstream_jax.training import data as data_lib
-from shotstream_jax.training import init as init_lib
 from shotstream_jax.training import sharding as sharding_lib
 from shotstream_jax.training import stage as stage_lib
 
@@ -222,13 +222,13 @@ class TeacherStage(stage_lib.Stage):
     return {'teacher': sharding_lib.dit_boxed_shapes(self.config.model)}
 
   def init_params(self, key, shardings):
-    """Random init (Wan's initializers) or `teacher.init_from` (any format of training/init.py)."""
+    """Random init (Wan's initializers) or `teacher.init_from` (any format of loading.py)."""
     path = self.config.teacher.init_from
     if not path:
       init = jax.jit(lambda k: dit.init_params(self.config.model, k),
                      out_shardings=shardings['teacher'])
       return {'teacher': init(key)}
-    return {'teacher': init_lib.load_network_params(
+    return {'teacher': loading.load_network_params(
         path, 'teacher', self.config.model, sharding=shardings['teacher'],
         field='teacher.init_from')}
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax.io.video import to_unit
+from shotstream_jax import loading
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import stage as stage_lib
@@ -259,16 +260,7 @@ class VaeStage(stage_lib.Stage):
     if vt.fresh_decoder:   # read the source with its own (symmetric, stage-0) decoder
       source_cfg = source_cfg.copy_and_resolve_references()
       source_cfg.decoder_base_dim = 0
-    if os.path.isfile(vt.init_from):
-      from shotstream_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
-      return vae_convert.load_vae(vt.init_from, source_cfg)
-    from shotstream_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
-    params = init_lib.restore_networks(vt.init_from, [VAE], field='vae_train.init_from')[VAE]
-    want = jax.tree.map(lambda s: s.shape, vae_lib.param_shapes(vae_lib.WanVAE(source_cfg)))
-    if jax.tree.map(np.shape, params) != want:
-      raise ValueError(f'vae_train.init_from: {vt.init_from} holds a VAE of another '
-                       'architecture than this config\'s vae section')
-    return params
+    return loading.load_vae(vt.init_from, source_cfg, 'vae_train.init_from')
 
   def loss(self, params, batch, key):
     return self.loss_fn(params[VAE], batch, key)
@@ -346,14 +338,13 @@ def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dic
   # pylint: disable=g-import-not-at-top
   from safetensors import numpy as st_numpy
   from shotstream_jax.convert import vae as vae_convert
-  from shotstream_jax.training import init as init_lib
   if not out_path.endswith('.safetensors'):
     raise ValueError(f'out: must end with .safetensors, got {out_path}')
   if np.any(np.asarray(config.vae.latent_mean) != 0) or np.any(
       np.asarray(config.vae.latent_std) != 1):
     raise ValueError('vae.latent_mean/latent_std: export folds measured statistics into a VAE '
                      'trained with identity normalisation (0 / 1); this config has others')
-  params = init_lib.restore_networks(workdir, [VAE])[VAE]
+  params = loading.restore_networks(workdir, [VAE])[VAE]
   vae = vae_lib.WanVAE(config.vae)
   sources, _ = data_lib.storyworld_sources(config.data.storyworld,
                                            data_lib.data_root(config.data, workdir))

@@ -1,24 +1,40 @@
-"""Where a stage's network starts from: one DiT params pytree from any of our weight formats.
+"""Every network's weights from any source: the one place that reads a weights path.
 
     params = load_network_params(path, 'teacher', config.model, sharding=shardings['teacher'])
+    vae_params = load_vae(path, config.vae);  text_params = load_text(path, config.text)
 
-`path` may be
+A DiT `path` may be
   * a training workdir of ours (has `checkpoints/`): the newest *complete* step's item 'state',
     only its ema[network] (when the run kept an EMA of that network: the weights it is judged
     by) or else params[network] is read (orbax partial restore; the optimizer state is skipped);
   * one checkpoint step directory of ours (`<workdir>/checkpoints/<step>`, has `state/`);
   * an orbax params directory written by shotstream_jax/checkpoints.py (launch/convert.py);
   * a Wan / ShotStream / diffusers `.safetensors` / `.pt` / `.pth` file (convert/dit.py).
-Stages 1-4 share it so every `*.init_from` / `*.teacher_from` field accepts the same things.
+The VAE and umT5 load from the same kinds of places (their published files through
+convert/vae.py and convert/umt5.py). Generation, precompute, every training stage's
+`*.init_from` / `*.teacher_from` / `*.vae_path` field and export all read through here, so they
+accept the same things and refuse the same things (missing paths, NaN/Inf, other shapes).
+`embedded_prompt_encoder` is the embedded random text encoder the random-weight paths share.
 """
 
+import json
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from shotstream_jax import checkpoints
+from shotstream_jax import text as text_lib
+from shotstream_jax.convert import dit as convert_dit
+from shotstream_jax.convert import umt5 as convert_umt5
+from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.models import dit
+from shotstream_jax.models import random_init
+from shotstream_jax.models import tokenizer as tokenizer_lib
+from shotstream_jax.models import umt5
+from shotstream_jax.models import vae as vae_lib
+from shotstream_jax.training import checkpoint as ckpt_lib
 
 CHECKPOINTS = 'checkpoints'   # training/train_loop.py: <workdir>/checkpoints/<step>/{state,data}
 STATE_ITEM = 'state'
@@ -27,7 +43,6 @@ STATE_ITEM = 'state'
 def _from_newest_step(ckpt_dir: str, load):
   """load(step_dir) of the newest finalized step that loads with finite params; a damaged
   newest step (checkpoint.newest_loadable) is skipped with a warning, not fatal."""
-  from shotstream_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(ckpt_dir, item_names=(STATE_ITEM, 'data'),
                              options=ocp.CheckpointManagerOptions(create=False)) as manager:
     steps = list(manager.all_steps())
@@ -81,7 +96,11 @@ def _restore_network(step_dir: str, network: str, model_cfg, field: str, shardin
 
 
 def check_shapes(params, model_cfg, path: str, field: str):
-  want = dit.param_shapes(model_cfg)
+  """Raise unless `params` are DiT params of `model_cfg` (structure and every shape)."""
+  _check_tree(params, dit.param_shapes(model_cfg), path, field)
+
+
+def _check_tree(params, want, path: str, field: str):
   got_s = jax.tree.structure(params)
   if got_s != jax.tree.structure(want):
     raise ValueError(f'{field}: params in {path} do not match the model config\'s structure '
@@ -114,7 +133,6 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
     params = _restore_network(path, network, model_cfg, field, sharding)
     _check_finite(params, path, field)
   elif os.path.isdir(path):
-    from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
     try:
       params = checkpoints.restore_params(path)
     except checkpoints.NonFiniteParamsError as e:
@@ -123,7 +141,6 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
       raise ValueError(f'{field}: {path} is neither a training workdir (no {CHECKPOINTS}/) nor '
                        f'an orbax params directory ({e})') from e
   else:
-    from shotstream_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
     params = convert_dit.load_dit(path, model_cfg)
     _check_finite(params, path, field)
   # (a workdir's steps and orbax params directories are checked for NaN/Inf as they load)
@@ -148,7 +165,6 @@ def restore_networks(path: str, networks, field: str = '--workdir') -> dict:
 
 
 def _check_finite(params, path: str, field: str):
-  from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
   bad = checkpoints.nonfinite_paths(params)
   if bad:
     raise ValueError(f'{field}: {path} holds non-finite params (NaN/Inf at {bad})')
@@ -183,7 +199,6 @@ def check_run_config(path: str, config, field: str = '--ckpt'):
   """Raise if a training workdir was trained at other model or shot sizes than `config`
   (the networks would load, then generate at sizes they never saw), naming the flags to pass.
   Paths that are not workdirs of ours (files, orbax dirs) are not checked."""
-  import json  # pylint: disable=g-import-not-at-top
   run = os.path.join(os.path.abspath(os.path.expanduser(path)), 'config.json')
   if not os.path.isfile(run):
     return
@@ -197,3 +212,54 @@ def check_run_config(path: str, config, field: str = '--ckpt'):
   if bad:
     raise ValueError(f'{field}: {path} was trained with other sizes than this --config; pass '
                      + ' '.join(bad))
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def _is_training_dir(path: str) -> bool:
+  return (os.path.isdir(os.path.join(path, CHECKPOINTS))
+          or os.path.isdir(os.path.join(path, STATE_ITEM)))
+
+
+def _load_network(path: str, network: str, want, read_file, field: str):
+  """`network`'s params from a published file (`read_file`), an orbax params directory, or a
+  training workdir / step directory of ours; refused when absent, non-finite or not `want`'s
+  structure and shapes."""
+  if not path:
+    raise ValueError(f'{field}: a checkpoint path is required')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{field}: {path} does not exist')
+  if _is_training_dir(path):
+    params = restore_networks(path, [network], field)[network]
+  elif os.path.isdir(path):
+    try:
+      params = checkpoints.restore_params(path)
+    except checkpoints.NonFiniteParamsError as e:
+      raise ValueError(f'{field}: {e}') from None
+  else:
+    params = read_file(path)
+    _check_finite(params, path, field)
+  _check_tree(params, want, path, field)
+  return params
+
+
+def load_vae(path: str, vae_cfg, field: str = '--vae'):
+  """VAE params: a Wan `.pth` / `.safetensors` file, an orbax params dir, or a stage-0 run."""
+  return _load_network(path, 'vae', vae_lib.param_shapes(vae_lib.WanVAE(vae_cfg)),
+                       lambda p: convert_vae.load_vae(p, vae_cfg), field)
+
+
+def load_text(path: str, text_cfg, field: str = '--text_encoder'):
+  """umT5 params: a `.pth` / `.safetensors` file (either layout) or an orbax params dir."""
+  return _load_network(path, 'text', umt5.param_shapes(text_cfg),
+                       lambda p: convert_umt5.load_umt5(p, text_cfg), field)
+
+
+def embedded_prompt_encoder(config, seed: int, tokenizer=None) -> text_lib.PromptEncoder:
+  """The embedded random umT5 (`seed`) with the hash tokenizer, or `tokenizer`."""
+  tokenizer = tokenizer or tokenizer_lib.HashTokenizer(config.text.text_len,
+                                                       config.text.vocab_size)
+  return text_lib.PromptEncoder(random_init.embedded_text(config.text, seed), config.text,
+                                tokenizer)
