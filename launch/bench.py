@@ -22,7 +22,7 @@ import jax
 from shotstream_jax import aot
 from shotstream_jax import cli
 from shotstream_jax import pipeline as pipeline_lib
-from shotstream_jax.models import dit
+from shotstream_jax.models import common
 
 _CONFIG = cli.define_config_file('config', 'configs/shotstream.py:tiny',
                                  'Config: configs/shotstream.py:<preset>.')
@@ -76,7 +76,7 @@ def bench(config, shots: int, matmul_n: int = 0) -> dict:
 
   platform = jax.devices()[0].platform
   n = matmul_n or (2048 if platform == 'cpu' else 8192)
-  peak = matmul_peak(dit.dtype_of(config.model.dtype), n)
+  peak = matmul_peak(common.dtype_of(config.model.dtype), n)
   achieved = flops_per_frame * frames / (wall - decode_s)
   return dict(
       preset=config.preset, device=f'{platform}: {jax.devices()[0].device_kind}',

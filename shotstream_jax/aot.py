@@ -105,7 +105,7 @@ def piece_inputs(config, piece: str, sharding, fill: Optional[int] = None):
   hw = pipeline_lib.latent_size(config)
   if piece == 'decode':
     vae = vae_lib.WanVAE(config.vae)
-    params = vae_lib.param_shapes(vae)
+    params = vae_lib.param_shapes(config.vae)
     latents = jax.ShapeDtypeStruct((1, m.chunk_frames) + hw + (config.vae.z_dim,), jnp.float32)
     cache = jax.eval_shape(lambda: vae_lib.init_decode_cache(vae, 1, *hw))
     fn = lambda p, c, z: vae_lib.decode_step(vae, p, c, z)

@@ -74,7 +74,7 @@ def test_trains_resumes_and_logs(data_dir, run, tmp_path):
 def test_fold_latent_stats_is_exact(data_dir, tmp_path):
   c = _config(data_dir)
   vae = vae_lib.WanVAE(c.vae)
-  params = jax.tree.map(np.asarray, vae_lib.init_params(vae, jax.random.key(0)))
+  params = jax.tree.map(np.asarray, vae_lib.init_params(c.vae, jax.random.key(0)))
   z = c.vae.z_dim
   mean = np.linspace(-1, 1, z).astype(np.float32)
   std = np.linspace(0.5, 2, z).astype(np.float32)
@@ -126,7 +126,7 @@ def test_latent_drift_matches_images_encoded_alone(data_dir):
   clip vs `encode_image` of pixel frame k t; and the loss adds weight x drift exactly."""
   c = _config(data_dir)
   vae = vae_lib.WanVAE(c.vae)
-  params = vae_lib.init_params(vae, jax.random.key(0))
+  params = vae_lib.init_params(c.vae, jax.random.key(0))
   t = vae_lib.temporal_factor(c.vae)
   x = jax.random.uniform(jax.random.key(1), (2, 1 + 2 * t, 16, 16, 3), minval=-1, maxval=1)
   mu = np.asarray(vae_lib.encode(vae, params, x))            # identity latent stats (tiny)
@@ -155,7 +155,7 @@ def test_stage_0b_gives_an_exported_vae_a_wider_decoder(data_dir, tmp_path):
   from safetensors import numpy as st_numpy   # pylint: disable=g-import-not-at-top
   c = _config(data_dir)
   vae = vae_lib.WanVAE(c.vae)
-  params = jax.tree.map(np.asarray, vae_lib.init_params(vae, jax.random.key(0)))
+  params = jax.tree.map(np.asarray, vae_lib.init_params(c.vae, jax.random.key(0)))
   path = str(tmp_path / 'vae.safetensors')
   st_numpy.save_file(convert_vae.vae_to_torch(params, c.vae), path)
   wide_fields = {'vae_train.init_from': path, 'vae.decoder_base_dim': 8}
@@ -194,7 +194,7 @@ def test_edge_error_is_the_l1_of_gradient_differences(data_dir):
   assert float(vae_stage.edge_error(corner)) > float(vae_stage.edge_error(spread)) + 0.1
   c = _config(data_dir)
   vae = vae_lib.WanVAE(c.vae)
-  params = vae_lib.init_params(vae, jax.random.key(0))
+  params = vae_lib.init_params(c.vae, jax.random.key(0))
   clip = rng.integers(0, 256, size=(2, 5, 16, 16, 3), dtype=np.uint8)
   batch = {'clip': clip, 'shot': None}
   kw = dict(l1=1.0, mse=1.0, latent_l2=0.0, full_shots=0)
@@ -210,7 +210,7 @@ def test_latent_mix_error(data_dir):
   it trains the decoder only (no gradient reaches the encoder) and the loss adds weight x it."""
   c = _config(data_dir)
   vae = vae_lib.WanVAE(c.vae)
-  params = vae_lib.init_params(vae, jax.random.key(0))
+  params = vae_lib.init_params(c.vae, jax.random.key(0))
   rng = np.random.default_rng(1)
   clip = rng.integers(0, 256, size=(1, 5, 16, 16, 3), dtype=np.uint8)
   kw = dict(l1=1.0, mse=0.5, latent_l2=0.0, full_shots=0)

@@ -105,7 +105,7 @@ def _to_ours(path: tuple, arr: np.ndarray) -> np.ndarray:
 
 def key_map(vae_cfg, layout: str) -> dict:
   """{our param path: (torch key, torch shape)} for a layout."""
-  shapes = common.flatten(vae_lib.param_shapes(vae_lib.WanVAE(vae_cfg)))
+  shapes = common.flatten(vae_lib.param_shapes(vae_cfg))
   out = {}
   for path, s in shapes.items():
     leaf = {'kernel': 'weight', 'bias': 'bias', 'scale': 'gamma'}[path[-1]]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from shotstream_jax.models import attention
+from shotstream_jax.models import common
 
 
 @flax.struct.dataclass
@@ -40,8 +41,7 @@ class KVCache:
 
 def init_cache(model_cfg, batch: int, tokens: int, dtype=None) -> KVCache:
   """An empty cache with room for `tokens` keys per layer."""
-  from shotstream_jax.models.dit import dtype_of  # pylint: disable=g-import-not-at-top
-  dtype = dtype or dtype_of(model_cfg.dtype)
+  dtype = dtype or common.dtype_of(model_cfg.dtype)
   shape = (model_cfg.num_layers, batch, tokens, model_cfg.num_heads,
            model_cfg.dim // model_cfg.num_heads)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))

@@ -29,17 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax.models import attention as attn_lib
+from shotstream_jax.models import common
+from shotstream_jax.models.common import dtype_of
 from shotstream_jax.models import rope as rope_lib
 from shotstream_jax.sampling import schedule
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-
-def dtype_of(name: str, field: str = 'model.dtype'):
-  if name not in _DTYPES:
-    raise ValueError(f'{field}: unknown dtype {name!r}; accepted: {", ".join(_DTYPES)}')
-  return _DTYPES[name]
-
 
 def timestep_sinusoid(t, dim: int):
   """Wan's timestep features: [cos | sin] of t * 10000**(-j/(dim/2)), float32."""
@@ -439,4 +432,4 @@ def param_shapes(config):
 
 
 def count_params(config) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(config)))
+  return common.count(param_shapes(config))

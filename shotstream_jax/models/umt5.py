@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shotstream_jax.models.dit import dtype_of
+from shotstream_jax.models import common
+from shotstream_jax.models.common import dtype_of
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -195,4 +196,4 @@ def param_shapes(cfg):
 
 
 def count_params(cfg) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
+  return common.count(param_shapes(cfg))

@@ -37,9 +37,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from shotstream_jax.models.dit import dtype_of
+from shotstream_jax.models import common
+from shotstream_jax.models.common import dtype_of
 
 CACHE_FRAMES = 2  # past frames a time-kernel-3 causal conv needs
 
@@ -445,16 +445,20 @@ def latent_frames(cfg, pixel_frames_: int) -> int:
 # ----------------------------------------------------------------------------- functional API
 
 
-def init_params(vae: WanVAE, rng) -> dict:
-  """Random params (torch-like default init) for every layer."""
-  f = spatial_factor(vae.cfg)
-  video = jnp.zeros((1, temporal_factor(vae.cfg) + 1, 2 * f, 2 * f, vae.cfg.image_channels))
-  return vae.init(rng, video)['params']
+def init_params(cfg, key) -> dict:
+  """Random params (torch-like default init) for every layer of the VAE of config `cfg`."""
+  f = spatial_factor(cfg)
+  video = jnp.zeros((1, temporal_factor(cfg) + 1, 2 * f, 2 * f, cfg.image_channels))
+  return WanVAE(cfg).init(key, video)['params']
 
 
-def param_shapes(vae: WanVAE) -> dict:
+def param_shapes(cfg) -> dict:
   """ShapeDtypeStructs of the params, without computing anything."""
-  return jax.eval_shape(lambda: init_params(vae, jax.random.PRNGKey(0)))
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def count_params(cfg) -> int:
+  return common.count(param_shapes(cfg))
 
 
 _CACHE_SHAPES = {}  # (module repr, method, input shape) -> cache ShapeDtypeStructs
@@ -550,7 +554,3 @@ def encode_image(vae: WanVAE, params, image):
     raise ValueError(f'image: expected [B, H, W, {vae.cfg.image_channels}], '
                      f'got shape {tuple(image.shape)}')
   return encode(vae, params, image[:, None])
-
-
-def num_params(params) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
