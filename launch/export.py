@@ -15,12 +15,17 @@ import os
 import sys
 
 from absl import flags
-import numpy as np
+from safetensors import numpy as st_numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
-from shotstream_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from shotstream_jax import checkpoints
+from shotstream_jax import cli
 from shotstream_jax import loading
+from shotstream_jax.convert import dit as dit_convert
+from shotstream_jax.models import lora as lora_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_file('config', 'configs/train/dmd_intra.py:tiny',
                                  'The training run\'s config.')
@@ -32,10 +37,6 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def export(config, workdir: str, network: str, out: str) -> str:
-  # pylint: disable=g-import-not-at-top
-  from shotstream_jax import checkpoints
-  from shotstream_jax.convert import dit as dit_convert
-  from shotstream_jax.models import lora as lora_lib
   if not os.path.exists(workdir):
     raise FileNotFoundError(f'--workdir: {workdir} does not exist')
   out = cli.check_new_path(out, '--out')
@@ -48,9 +49,7 @@ def export(config, workdir: str, network: str, out: str) -> str:
     params = lora_lib.merge(params, restored[f'{network}_lora'], lora_lib.as_config(lora_cfg))
   loading.check_shapes(params, config.model, workdir, '--config')
   if out.endswith('.safetensors'):
-    from safetensors import numpy as st_numpy
-    state = {'model.' + k: np.ascontiguousarray(v)
-             for k, v in dit_convert.dit_to_torch(params, config.model).items()}
+    state = dit_convert.shotstream_state_dict(params, config.model)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + '.tmp'
     st_numpy.save_file(state, tmp)

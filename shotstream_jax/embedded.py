@@ -22,6 +22,10 @@ import shutil
 from typing import Dict, Optional
 
 import numpy as np
+from safetensors import numpy as st_numpy
+
+from shotstream_jax.convert import dit as dit_convert
+from shotstream_jax.convert import umt5 as umt5_convert
 
 FILES = {'dit_path': 'dit.safetensors', 'vae_path': 'vae.safetensors',
          'text_path': 'text.safetensors', 'tokenizer_path': 'tokenizer'}
@@ -57,16 +61,11 @@ def write_model(directory: str, config, dit_params, vae_file: str, text_params,
   `vae_file` is an exported VAE (training/vae_stage.export_vae: statistics folded, with its
   `.stats.json` beside it); the DiT and umT5 params are converted to their Wan layouts here.
   """
-  # pylint: disable=g-import-not-at-top
-  from safetensors import numpy as st_numpy
-  from shotstream_jax.convert import dit as dit_convert
-  from shotstream_jax.convert import umt5 as umt5_convert
   directory = os.path.abspath(directory)
   tmp = directory + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  st_numpy.save_file({'model.' + k: v for k, v in
-                      dit_convert.dit_to_torch(dit_params, config.model).items()},
+  st_numpy.save_file(dit_convert.shotstream_state_dict(dit_params, config.model),
                      os.path.join(tmp, FILES['dit_path']))
   st_numpy.save_file(umt5_convert.umt5_to_torch(text_params, config.text),
                      os.path.join(tmp, FILES['text_path']))

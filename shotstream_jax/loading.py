@@ -247,7 +247,7 @@ def _load_network(path: str, network: str, want, read_file, field: str):
 
 def load_vae(path: str, vae_cfg, field: str = '--vae'):
   """VAE params: a Wan `.pth` / `.safetensors` file, an orbax params dir, or a stage-0 run."""
-  return _load_network(path, 'vae', vae_lib.param_shapes(vae_lib.WanVAE(vae_cfg)),
+  return _load_network(path, 'vae', vae_lib.param_shapes(vae_cfg),
                        lambda p: convert_vae.load_vae(p, vae_cfg), field)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from shotstream_jax import context as context_lib
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax import embedded
 from shotstream_jax.io.video import to_uint8
 from shotstream_jax import loading
 from shotstream_jax.models import dit
@@ -149,7 +150,6 @@ class ShotStreamPipeline:
   def embedded(cls, config):
     """The preset's shipped trained model (`config.weights_dir`, shotstream_jax/embedded.py);
     raises FileNotFoundError naming what is missing when the preset ships none."""
-    from shotstream_jax import embedded  # pylint: disable=g-import-not-at-top
     directory = embedded.model_dir(config)
     if directory is None:
       raise FileNotFoundError(

@@ -170,7 +170,7 @@ def test_peft_import_errors_name_the_keys():
 def test_export_merged_reads_back_through_the_importer():
   m, params, inputs = _setup()
   lora = _random_adapter(params, CFG, 8)
-  sd = lora_lib.export_merged(params, lora, {'rank': 4, 'alpha': 8.0}, m)
+  sd = dit_convert.shotstream_state_dict(lora_lib.merge(params, lora, {'rank': 4, 'alpha': 8.0}), m)
   assert all(k.startswith('model.') for k in sd)
   back = dit_convert.dit_from_torch({'generator': sd}, m)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),

@@ -193,6 +193,12 @@ def dit_to_torch(params, model_cfg) -> dict:
   return out
 
 
+def shotstream_state_dict(params, model_cfg) -> dict:
+  """DiT params as a ShotStream checkpoint's state dict (`model.<original name>` -> contiguous
+  float32 numpy): what the exports and the shipped model write; `dit_from_torch` reads it."""
+  return {'model.' + k: np.ascontiguousarray(v) for k, v in dit_to_torch(params, model_cfg).items()}
+
+
 def load_dit(path: str, model_cfg) -> dict:
   """WanDiT params from a `.safetensors` / `.pt` / `.pth` file in any accepted layout."""
   return dit_from_torch(common.load_state_dict(path), model_cfg)

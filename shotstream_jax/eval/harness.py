@@ -25,14 +25,20 @@ import jax
 import numpy as np
 import tqdm
 
+from shotstream_jax.convert import dit as dit_convert
+from shotstream_jax.convert import umt5 as umt5_convert
+from shotstream_jax.convert import vae as vae_convert
 from shotstream_jax.data import storyworld as sw
+from shotstream_jax import embedded
 from shotstream_jax.eval import judge
 from shotstream_jax.io import video as video_io
 from shotstream_jax import loading
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax import pipeline as pipeline_lib
+from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax import text as text_lib
+from shotstream_jax.training import chain as chain_lib
 
 KEYS = ('overall', 'identity', 'adherence', 'cuts', 'smoothness', 'found')
 STUDENTS = ('stage 2 student', 'stage 3 student', 'stage 4 student')
@@ -74,10 +80,6 @@ def _encoder(m: Models):
 
 def models_from_chain(root: str, preset: str = 'storyworld', overrides=None) -> Models:
   """The networks of a `launch/reproduce.py` run under `root` (whichever stages finished)."""
-  # pylint: disable=g-import-not-at-top
-  from shotstream_jax.convert import umt5 as umt5_convert
-  from shotstream_jax.convert import vae as vae_convert
-  from shotstream_jax.training import chain as chain_lib
   ch = chain_lib.Chain(root, preset, overrides)
   config = ch.model_config()
   load = lambda step, net: loading.load_network_params(ch.source(step), net, config.model,
@@ -95,11 +97,6 @@ def models_from_chain(root: str, preset: str = 'storyworld', overrides=None) -> 
 
 def models_from_dir(directory: str, config) -> Models:
   """The shipped model of a model directory (shotstream_jax/embedded.py) as the stage-4 row."""
-  # pylint: disable=g-import-not-at-top
-  from shotstream_jax import embedded
-  from shotstream_jax.convert import dit as dit_convert
-  from shotstream_jax.convert import umt5 as umt5_convert
-  from shotstream_jax.convert import vae as vae_convert
   p = embedded.paths(directory)
   return Models(config, vae_convert.load_vae(p['vae_path'], config.vae),
                 umt5_convert.load_umt5(p['text_path'], config.text), p['tokenizer_path'],
@@ -119,7 +116,6 @@ def _render(config, story):
 
 
 def _with(config, overrides: dict):
-  from shotstream_jax.training import chain as chain_lib  # pylint: disable=g-import-not-at-top
   return chain_lib.apply_overrides(copy.deepcopy(config), overrides)
 
 
@@ -190,7 +186,6 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
     return pipeline_lib.ShotStreamPipeline(cfg, params, models.vae_params, encoder, sampler)
 
   if models.teacher is not None:
-    from shotstream_jax.sampling import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
     uncond = models.uncond if models.uncond is not None else np.zeros(
         (config.model.text_len, config.model.text_dim), np.float32)
     sampler = teacher_lib.TeacherSampler(config.model, config.sampling,

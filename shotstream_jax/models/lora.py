@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shotstream_jax.convert import common
+
 # Every Linear inside a Wan block: self/cross-attention q, k, v, o and the two FFN layers.
 DEFAULT_TARGETS = r'blocks/(self_attn|cross_attn)/(q|k|v|o)|blocks/ffn_(0|2)'
 
@@ -183,7 +185,6 @@ def to_peft(lora) -> Dict[str, np.ndarray]:
 def from_peft(state_dict: Mapping[str, Any], params, cfg) -> dict:
   """An adapter pytree from a PEFT state dict (torch tensors or arrays) for the targets of
   `cfg` in `params`. Raises ValueError naming missing / unexpected keys or wrong shapes."""
-  from shotstream_jax.convert import common  # pylint: disable=g-import-not-at-top
   cfg = as_config(cfg)
   flat = _flat(params)
   expected, where = {}, {}
@@ -209,11 +210,3 @@ def from_peft(state_dict: Mapping[str, Any], params, cfg) -> dict:
       buf = out.setdefault(path + (leaf,), np.empty((n,) + value.shape, np.float32))
       buf[i] = value
   return jax.tree.map(jnp.asarray, _nest(out))
-
-
-def export_merged(params, lora, cfg, model_cfg) -> Dict[str, np.ndarray]:
-  """Merged weights as a Wan/ShotStream state dict (`model.<original name>` -> float32 numpy):
-  what `merge_and_unload` + save writes; `convert.dit.dit_from_torch` reads it back."""
-  from shotstream_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
-  merged = merge(params, lora, cfg)
-  return {'model.' + k: v for k, v in dit_convert.dit_to_torch(merged, model_cfg).items()}

@@ -4,6 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shotstream_jax.models import dit
+from shotstream_jax.models import umt5
+from shotstream_jax.models import vae
+
 
 def random_params(shapes, seed: int):
   """Scaled normal draws for a params tree of ShapeDtypeStructs, without running the module.
@@ -33,15 +37,12 @@ def random_params(shapes, seed: int):
 
 
 def embedded_dit(model_cfg, seed: int):
-  from shotstream_jax.models import dit  # pylint: disable=g-import-not-at-top
   return random_params(dit.param_shapes(model_cfg), seed)
 
 
 def embedded_vae(vae_cfg, seed: int):
-  from shotstream_jax.models import vae  # pylint: disable=g-import-not-at-top
-  return random_params(vae.param_shapes(vae.WanVAE(vae_cfg)), seed + 1)
+  return random_params(vae.param_shapes(vae_cfg), seed + 1)
 
 
 def embedded_text(text_cfg, seed: int):
-  from shotstream_jax.models import umt5  # pylint: disable=g-import-not-at-top
   return random_params(umt5.param_shapes(text_cfg), seed + 2)

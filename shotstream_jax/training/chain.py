@@ -35,13 +35,18 @@ from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
+from safetensors import numpy as st_numpy
 
+from shotstream_jax.convert import umt5 as umt5_convert
 from shotstream_jax.data import precompute as pc
 from shotstream_jax.data import prompts as prompts_lib
+from shotstream_jax import embedded
 from shotstream_jax import loading
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import train_loop
+from shotstream_jax.training import vae_stage
 
 STEPS = ('vae', 'vae_decoder', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher', 'ode',
          'dmd_intra', 'dmd_inter', 'model')
@@ -146,10 +151,8 @@ class Chain:
 
   def run(self, step: str):
     if step in TRAIN_CONFIGS:
-      from shotstream_jax.training import train_loop  # pylint: disable=g-import-not-at-top
       train_loop.train(self.config(step), self.workdir(step))
     elif step == 'vae_export':
-      from shotstream_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
       c = self.config('vae_decoder')
       vae_stage.export_vae(c, self.workdir('vae_decoder'), self.vae_file, c.vae_train.stat_clips)
     elif step == 'text':
@@ -163,8 +166,6 @@ class Chain:
 
   def _text(self):
     """A SentencePiece vocabulary of the training prompts, and the frozen random umT5."""
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
     c = self.config('teacher')
     sources, _ = data_lib.storyworld_sources(c.data.storyworld, self.data_dir)
     lines = [DIGITS_LINE]
@@ -192,8 +193,6 @@ class Chain:
                     source_name=f'storyworld/{name}:{split}')
 
   def _model(self):
-    from shotstream_jax import embedded  # pylint: disable=g-import-not-at-top
-    from shotstream_jax.convert import umt5 as umt5_convert  # pylint: disable=g-import-not-at-top
     config = self.model_config()
     dit = loading.load_network_params(self.workdir('dmd_inter'), 'generator', config.model,
                                        field='dmd_inter')

@@ -23,6 +23,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from shotstream_jax import checkpoints
+
 DAMAGED = 'damaged'   # <checkpoints>/damaged/<step>[.<n>]: skipped step directories
 
 
@@ -107,7 +109,6 @@ def newest_loadable(directory: str, steps: Sequence[int], load: Callable[[int], 
   stderr with its reason; ValueError when none loads. The one walk-back rule for resume
   (Checkpointer.restore_latest) and for reading networks out of a workdir (loading.py).
   """
-  from shotstream_jax import checkpoints  # pylint: disable=g-import-not-at-top
   skipped, reasons = [], []
   for step in sorted(steps, reverse=True):
     try:

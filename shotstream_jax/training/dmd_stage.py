@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from shotstream_jax import loading
+from shotstream_jax.convert import dit as dit_convert
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
@@ -103,12 +104,7 @@ def merged_params(config, params, role: str = 'generator'):
 
 def export_merged(config, params) -> Dict[str, np.ndarray]:
   """The generator as a Wan/ShotStream state dict (`model.<name>` -> float32 numpy), merged."""
-  if not config.lora.enabled:
-    from shotstream_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
-    return {'model.' + k: v for k, v in
-            dit_convert.dit_to_torch(params['generator'], config.model).items()}
-  return lora_lib.export_merged(params['generator'], params['generator_lora'],
-                                _lora_cfg(config), config.model)
+  return dit_convert.shotstream_state_dict(merged_params(config, params), config.model)
 
 
 def lora_boxed_shapes(boxed, cfg):
@@ -135,7 +131,7 @@ def _tree_where(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-class DmdStage(stage_lib.Stage):
+class DmdStage(stage_lib.PrecomputedStage):
   """Stages 3-4: their own `train_step`; no held-out loss (DMD losses do not measure quality:
   the harness judges samples)."""
 
@@ -177,9 +173,9 @@ class DmdStage(stage_lib.Stage):
     self.uncond_text = jnp.asarray(data_lib.negative_text(
         d.negative, self.train_dir, m.text_len, m.text_dim, 'dmd.negative'))[None]   # [1, L, D]
     if self.inter:
-      self._example = functools.partial(story_example, num_shots=d.num_shots)
+      self.example = functools.partial(story_example, num_shots=d.num_shots)
     else:
-      self._example = functools.partial(
+      self.example = functools.partial(
           shot_example, context_frames=m.context_frames, target_frames=s.shot_latent_frames,
           target_shot=d.target_shot, latent_hw=self.latent_hw)
 
@@ -192,7 +188,7 @@ class DmdStage(stage_lib.Stage):
       adapters = lora_boxed_shapes(dit_boxed, self.lora)
       out.update({n: adapters for n in self.roles})
     if self.inter:
-      out['vae'] = vae_lib.param_shapes(self.vae)    # unboxed: replicated
+      out['vae'] = vae_lib.param_shapes(self.config.vae)    # unboxed: replicated
     return out
 
   def init_params(self, key, shardings):
@@ -389,10 +385,3 @@ class DmdStage(stage_lib.Stage):
       return state.replace(params=new, opt_state=opt_state,
                            rng=jax.random.key_data(key)), metrics
     return step
-
-  # ------------------------------------------------------------------ data
-
-  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
-                                   shard_count, batch_size)
-

@@ -95,7 +95,7 @@ def ode_loss(model_cfg, params, batch, key, *, target_frames: int, guidance: flo
   return loss, dict(aux, teacher_x0_std=jnp.std(trajectory[:, -1]))
 
 
-class OdeInitStage(stage_lib.Stage):
+class OdeInitStage(stage_lib.PrecomputedStage):
   """Stage 2: 'generator' trained, 'teacher' frozen (see module doc)."""
   networks = (GENERATOR, TEACHER)
 
@@ -128,7 +128,8 @@ class OdeInitStage(stage_lib.Stage):
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     negative = data_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
                                       config.model.text_dim, 'ode.negative')
-    self._example = functools.partial(
+    self.eval_limit = oc.eval_batches   # the eval key fixes the teacher's noise
+    self.example = functools.partial(
         make_example, negative=negative, context_frames=config.model.context_frames,
         target_shot=oc.target_shot)
     self.loss = functools.partial(
@@ -163,12 +164,3 @@ class OdeInitStage(stage_lib.Stage):
   def eval_metrics(self, params, batch, key):
     loss, aux = self.loss(params, batch, key)
     return {'loss': loss, 'teacher_x0_std': aux['teacher_x0_std']}
-
-  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    return data_lib.train_iterator(self.config, self.train_dir, self._example, shard_index,
-                                   shard_count, batch_size)
-
-  def eval_batches(self, batch_size: int):
-    """Held-out batches, a fixed list (same shots; the eval key fixes the teacher's noise)."""
-    return data_lib.heldout_batches(self.config, self.heldout_dir, self._example, batch_size,
-                                    self.config.ode.eval_batches)

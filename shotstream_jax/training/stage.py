@@ -15,12 +15,13 @@ its update is not one gradient step of `loss` (DMD: a generator step every N cri
 
 import abc
 import re
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import flax
 import jax
 import optax
 
+from shotstream_jax.training import data as data_lib
 from shotstream_jax.training import optim as optim_lib
 
 
@@ -100,3 +101,30 @@ class Stage(abc.ABC):
         raise ValueError(f'optim.{net}.trainable: must match no param (the {net} is frozen in '
                          f"stage {self.config.stage}; drop the section), got {pattern!r} "
                          f'matching {hit[0]!r}')
+
+
+class PrecomputedStage(Stage):
+  """A stage on the precomputed latent shards (stages 1-4: training/data.py).
+
+  Its `__init__` sets `train_dir` / `heldout_dir` (data_lib.prepare, after the config is
+  validated), `example` (record, rng -> example) and, where training examples differ from
+  held-out ones, `train_example`; `eval_limit` is the number of held-out batches an evaluation
+  reads (0 = the whole split, None = no held-out metrics).
+  """
+  train_dir: str = ''
+  heldout_dir: str = ''
+  example: Callable = None
+  train_example: Optional[Callable] = None
+  eval_limit: Optional[int] = None
+
+  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
+    return data_lib.train_iterator(self.config, self.train_dir,
+                                   self.train_example or self.example, shard_index,
+                                   shard_count, batch_size)
+
+  def eval_batches(self, batch_size: int):
+    """Held-out batches, a fixed list (the same examples every evaluation)."""
+    if self.eval_limit is None:
+      return []
+    return data_lib.heldout_batches(self.config, self.heldout_dir, self.example, batch_size,
+                                    self.eval_limit)

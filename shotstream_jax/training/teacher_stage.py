@@ -182,7 +182,7 @@ def context_frames(config) -> int:
   return config.model.context_frames if config.teacher.use_context else 0
 
 
-class TeacherStage(stage_lib.Stage):
+class TeacherStage(stage_lib.PrecomputedStage):
   """Stage 1: one network, 'teacher'."""
   networks = ('teacher',)
 
@@ -206,10 +206,11 @@ class TeacherStage(stage_lib.Stage):
     ctx = context_frames(config)
     self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
     self.latent_stats = data_lib.latent_stats(self.train_dir)
-    self._example = functools.partial(
+    self.eval_limit = tc.eval_batches
+    self.example = functools.partial(
         make_example, context_frames=ctx,
         target_frames=tc.target_frames, target_shot=tc.target_shot)
-    self._train_example = functools.partial(
+    self.train_example = functools.partial(
         make_mixed_example, images=tc.image_mix, context_frames=ctx,
         target_frames=tc.target_frames, target_shot=tc.target_shot)
     loss = functools.partial(flow_loss, self.model, grid_sigmas=self.grid_sigmas,
@@ -249,11 +250,3 @@ class TeacherStage(stage_lib.Stage):
   def eval_metrics(self, params, batch, key):
     loss, aux = self._loss(params['teacher'], batch, key, latent_stats=self.latent_stats)
     return {'loss': loss, 'flow_mse': aux['flow_mse'], 'baseline_mse': aux['baseline_mse']}
-
-  def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    return data_lib.train_iterator(self.config, self.train_dir, self._train_example, shard_index,
-                                   shard_count, batch_size)
-
-  def eval_batches(self, batch_size: int):
-    return data_lib.heldout_batches(self.config, self.heldout_dir, self._example, batch_size,
-                                    self.config.teacher.eval_batches)

@@ -211,12 +211,115 @@ def init_state(stage, tx, shardings, seed: int) -> TrainState:
 # ----------------------------------------------------------------------------- loop
 
 
+def _local_batch(config, mesh) -> int:
+  """This process's share of `data.batch_size`, which must split over the batch axes."""
+  global_batch = config.data.batch_size
+  if global_batch % sharding_lib.batch_size_multiple(mesh):
+    raise ValueError(f'data.batch_size: {global_batch} is not divisible by the data x fsdp '
+                     f'mesh size {sharding_lib.batch_size_multiple(mesh)}')
+  if global_batch % jax.process_count():
+    raise ValueError(f'data.batch_size: {global_batch} not divisible by {jax.process_count()} '
+                     'processes')
+  return global_batch // jax.process_count()
+
+
+def _restore_or_init(checkpointer, iterator, stage, tx, shapes, shardings, seed: int):
+  """(state, first step): the newest loadable checkpoint with its data position, or a fresh
+  state at step 0."""
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
+  if restored is None:
+    return init_state(stage, tx, shardings, seed), 0
+  start, state, data_state = restored
+  iterator.set_state(data_state)
+  if jax.process_index() == 0:
+    print(f'train: resumed from step {start} in {checkpointer.directory}', flush=True)
+  return state, start
+
+
+def _evaluator(stage, config, mesh, param_shardings, local_batch: int, writer):
+  """evaluate(step, state) -> {eval/<name>: mean over the held-out batches} (written), or {}
+  for stages without held-out metrics; compiled on first use."""
+  tc = config.train
+  batches = stage.eval_batches(local_batch) if tc.eval_every else []
+  repl = sharding_lib.replicated(mesh)
+  jitted = []
+
+  def evaluate(step: int, state: TrainState) -> Dict[str, float]:
+    if not batches:
+      return {}
+    if not jitted:
+      jitted.append(jax.jit(stage.eval_metrics, in_shardings=(
+          param_shardings, sharding_lib.batch_shardings(batches[0], mesh), repl),
+          out_shardings=repl))
+    sums = {}
+    for i, b in enumerate(batches):
+      key = jax.device_put(_key_data(tc.eval_seed + i), repl)
+      m = jax.device_get(jitted[0](eval_params(state), sharding_lib.shard_batch(b, mesh), key))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    out = {f'eval/{k}': v / len(batches) for k, v in sums.items()}
+    writer.write(step, out)
+    return out
+  return evaluate
+
+
+def _nonfinite(rows, first_step: int, state: TrainState):
+  """(step, what, in the update?) of the first non-finite thing among the steps first_step.. whose metrics are
+  `rows`, checking the state first: a non-finite update (from finite loss and gradients: eps 0,
+  lr NaN) makes every later loss non-finite too, and is the cause to name."""
+  bad_update = checkpoints.nonfinite_paths({'params': state.params,
+                                            'opt_state': state.opt_state, 'ema': state.ema})
+  if bad_update:
+    last = first_step + len(rows) - 1
+    when = str(last) if last == first_step else f'{first_step}-{last}'
+    return when, (f'update (params or optimizer state at {bad_update}, from a finite loss and '
+                  'gradients: check the learning rate and eps)'), True
+  for i, m in enumerate(rows):
+    bad = [k for k, v in m.items() if _guarded_key(k) and not np.isfinite(v)]
+    if bad:
+      return str(first_step + i), ', '.join(bad), False
+  return None
+
+
+def _host_check(pending, step: int, state, previous, skipped: int, skip: bool):
+  """(state, metric rows, skipped count) after the steps since the last host check, whose
+  device metrics are `pending`; raises NonFiniteError on anything non-finite unless `skip`
+  (then a non-finite update is undone from `previous`, the state before this one step)."""
+  rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+  found = _nonfinite(rows, step - len(rows) + 1, state)
+  if found is not None:
+    when, what, in_update = found
+    if not skip:
+      raise NonFiniteError(f'train: non-finite {what} at step {when}; the run stopped before '
+                           'saving it, nothing non-finite was saved; set '
+                           'train.skip_nonfinite=True to skip such steps')
+    if in_update:   # the guard only stops non-finite losses and gradients: undo it here
+      state = previous.replace(step=state.step, rng=state.rng)
+      rows[-1]['finite'] = 0.0
+    skipped += 1
+    logging.warning('train: skipped step %s: non-finite %s', when, what)
+  for m in rows:
+    m['skipped_steps'] = skipped
+  return state, rows, skipped
+
+
+def _log(writer, bar, window, step: int, skipped: int, steps_per_sec: float):
+  logged = window_means(window)
+  logged['skipped_steps'] = skipped
+  logged['steps_per_sec'] = steps_per_sec
+  writer.write(step, logged)
+  bar.set_postfix(loss=f'{logged["loss"]:.4f}')
+
+
 def train(config, workdir: str, *, stage=None,
           batch_hook: Optional[Callable[[int, Dict[str, np.ndarray]], Dict]] = None,
           step_hook: Optional[Callable[[int, TrainState, Dict[str, float]], None]] = None,
           devices=None) -> TrainState:
   """Trains `config.train.num_steps` steps in `workdir`, resuming from its last checkpoint.
 
+  Metrics stay on the device between host checks, which come on logging, evaluation and
+  checkpoint steps (nothing is saved unchecked), and after every step when
+  `train.skip_nonfinite` (a skipped step is undone at once) or a `step_hook` is given.
   batch_hook(step, host_batch) -> host_batch and step_hook(step, state, metrics) are for tests
   and debugging (fault injection, probes); `step` is the 1-based number of the step.
   """
@@ -228,19 +331,11 @@ def train(config, workdir: str, *, stage=None,
     with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = sharding_lib.logical_rules(config)
   stage = stage or get_stage(config, workdir)
-  global_batch = config.data.batch_size
-  if global_batch % sharding_lib.batch_size_multiple(mesh):
-    raise ValueError(f'data.batch_size: {global_batch} is not divisible by the data x fsdp '
-                     f'mesh size {sharding_lib.batch_size_multiple(mesh)}')
-  if global_batch % jax.process_count():
-    raise ValueError(f'data.batch_size: {global_batch} not divisible by {jax.process_count()} '
-                     'processes')
-  local_batch = global_batch // jax.process_count()
-
+  local_batch = _local_batch(config, mesh)
   tx, decays, step_fn = stage_step(config, stage)
-  shapes, shardings = state_shardings(stage, tx, mesh, rules, tuple(decays))
+  shapes, shardings = state_shardings(stage, tx, mesh, sharding_lib.logical_rules(config),
+                                      tuple(decays))
   # Every exit, errors included, closes the checkpointer: an open async orbax manager keeps
   # the interpreter from exiting (a hang instead of an error).
   with contextlib.ExitStack() as cleanup:
@@ -250,47 +345,18 @@ def train(config, workdir: str, *, stage=None,
                                          keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
     cleanup.callback(checkpointer.close)
     iterator = stage.train_iterator(jax.process_index(), jax.process_count(), local_batch)
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
-    if restored is None:
-      state, start = init_state(stage, tx, shardings, tc.seed), 0
-    else:
-      start, state, data_state = restored
-      iterator.set_state(data_state)
-      if jax.process_index() == 0:
-        print(f'train: resumed from step {start} in {checkpointer.directory}', flush=True)
+    state, start = _restore_or_init(checkpointer, iterator, stage, tx, shapes, shardings,
+                                    tc.seed)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, tensorboard=tc.tensorboard)
     cleanup.callback(writer.close)
-
-    jitted, eval_jitted = None, None
-    eval_batches = stage.eval_batches(local_batch) if tc.eval_every else []
-    repl = sharding_lib.replicated(mesh)
-
-    def evaluate(step):
-      nonlocal eval_jitted
-      if not eval_batches:
-        return {}
-      if eval_jitted is None:
-        eval_jitted = jax.jit(stage.eval_metrics, in_shardings=(
-            shardings.params, sharding_lib.batch_shardings(eval_batches[0], mesh), repl),
-            out_shardings=repl)
-      sums = {}
-      for i, b in enumerate(eval_batches):
-        key = jax.device_put(_key_data(tc.eval_seed + i), repl)
-        m = jax.device_get(eval_jitted(eval_params(state), sharding_lib.shard_batch(b, mesh),
-                                       key))
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-      out = {f'eval/{k}': v / len(eval_batches) for k, v in sums.items()}
-      writer.write(step, out)
-      return out
-
-    if start == 0 and eval_batches:
-      evaluate(0)
+    evaluate = _evaluator(stage, config, mesh, shardings.params, local_batch, writer)
+    if start == 0:
+      evaluate(0, state)
     bar = tqdm.tqdm(total=tc.num_steps, initial=start, desc=f'train {config.stage}',
                     disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True)
-    skipped, t0, window = 0, time.time(), []
-    step = start
     cleanup.callback(bar.close)
+    jitted, skipped, t0, window, pending, previous = None, 0, time.time(), [], [], None
+    step = start
     while step < tc.num_steps:
       host_batch = next(iterator)
       step += 1
@@ -300,43 +366,30 @@ def train(config, workdir: str, *, stage=None,
       if jitted is None:
         jitted = jit_step(step_fn, shardings, sharding_lib.batch_shardings(host_batch, mesh),
                           mesh, donate=not tc.skip_nonfinite)
-      previous = state
+      if tc.skip_nonfinite:
+        previous = state
       state, metrics = jitted(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      bad = [k for k, v in metrics.items() if not np.isfinite(v) and _guarded_key(k)]
-      if not bad:
-        bad_update = checkpoints.nonfinite_paths({'params': state.params,
-                                                  'opt_state': state.opt_state,
-                                                  'ema': state.ema})
-        if bad_update:
-          bad = [f'update (params or optimizer state at {bad_update}, from a finite loss and '
-                 'gradients: check the learning rate and eps)']
-          if tc.skip_nonfinite:
-            state = previous.replace(step=state.step, rng=state.rng)
-          metrics['finite'] = 0.0
-      if bad:
-        if not tc.skip_nonfinite:
-          raise NonFiniteError(f'train: non-finite {", ".join(bad)} at step {step}; the run '
-                               'stopped before saving it, nothing non-finite was saved; set '
-                               'train.skip_nonfinite=True to skip such steps')
-        skipped += 1
-        logging.warning('train: skipped step %d: non-finite %s', step, ', '.join(bad))
-      previous = None
-      metrics['skipped_steps'] = skipped
+      pending.append(metrics)
+      last = step == tc.num_steps
+      logs = step % tc.log_every == 0 or last
+      evals = bool(tc.eval_every) and (step % tc.eval_every == 0 or last)
+      if not (logs or evals or last or step % tc.checkpoint_every == 0 or tc.skip_nonfinite
+              or step_hook is not None):
+        bar.update(1)
+        continue
+      state, rows, skipped = _host_check(pending, step, state, previous, skipped,
+                                         tc.skip_nonfinite)
+      pending, previous = [], None
       if step_hook is not None:
-        step_hook(step, state, metrics)
-      window.append(metrics)
-      if step % tc.log_every == 0 or step == tc.num_steps:
-        logged = window_means(window)
-        logged['skipped_steps'] = skipped
-        logged['steps_per_sec'] = (step - start) / max(time.time() - t0, 1e-9)
-        writer.write(step, logged)
-        bar.set_postfix(loss=f'{logged["loss"]:.4f}')
+        step_hook(step, state, rows[-1])
+      window.extend(rows)
+      if logs:
+        _log(writer, bar, window, step, skipped, (step - start) / max(time.time() - t0, 1e-9))
         window = []
-      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
-        ev = evaluate(step)
+      if evals:
+        ev = evaluate(step, state)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))
-      checkpointer.save(step, state, iterator.get_state(), force=step == tc.num_steps)
+      checkpointer.save(step, state, iterator.get_state(), force=last)
       bar.update(1)
   if step > start and skipped == step - start:
     raise NonFiniteError(f'train: all {skipped} steps of this run were non-finite and skipped; '

@@ -44,7 +44,9 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as st_numpy
 
+from shotstream_jax.convert import vae as vae_convert
 from shotstream_jax.io.video import to_unit
 from shotstream_jax import loading
 from shotstream_jax.models import vae as vae_lib
@@ -234,14 +236,14 @@ class VaeStage(stage_lib.Stage):
                                      edge=vt.edge, latent_mix=vt.latent_mix)
 
   def boxed_shapes(self):
-    return {VAE: vae_lib.param_shapes(self.vae)}    # unboxed: replicated on every device
+    return {VAE: vae_lib.param_shapes(self.config.vae)}    # unboxed: replicated on every device
 
   def init_params(self, key, shardings):
     gain = self.config.vae_train.init_gain
 
     @functools.partial(jax.jit, out_shardings=shardings[VAE])
     def fresh():   # only where needed: a restored VAE keeps everything but a fresh decoder
-      params = vae_lib.init_params(self.vae, key)
+      params = vae_lib.init_params(self.config.vae, key)
       return jax.tree_util.tree_map_with_path(
           lambda path, x: x * gain if path[-1].key == 'kernel' else x, params)
     if not self.config.vae_train.init_from:
@@ -335,9 +337,6 @@ def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dic
   safetensors file (`out_path`) plus `<out_path minus .safetensors>.stats.json`; returns the
   measured stats (`folded`: False where they already were 0 / 1, see `_normalised`, and the
   params are written as trained). `num_clips` training shots (in order) measure them."""
-  # pylint: disable=g-import-not-at-top
-  from safetensors import numpy as st_numpy
-  from shotstream_jax.convert import vae as vae_convert
   if not out_path.endswith('.safetensors'):
     raise ValueError(f'out: must end with .safetensors, got {out_path}')
   if np.any(np.asarray(config.vae.latent_mean) != 0) or np.any(
