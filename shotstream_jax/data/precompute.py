@@ -116,23 +116,20 @@ def build_encoders(config, vae_path: Optional[str] = None, text_path: Optional[s
     raise ValueError(f'tokenizer: required at preset {config.preset!r}; pass the tokenizer '
                      'folder (spiece.model or tokenizer.json: google/umt5-xxl for wan_1_3b, '
                      '<chain root>/export/tokenizer for storyworld)')
+
+  def params(what, path, load, embedded, meaning):
+    if path:
+      weights[what] = os.path.abspath(path)
+      return load(path, config[what], what)
+    logging.warning('%s: no checkpoint given: RANDOM weights (seed %d); %s are meaningless for '
+                    'training a real model', what, seed, meaning)
+    weights[what] = f'embedded(seed={seed})'
+    return embedded(config[what], seed)
+
   vae = vae_lib.WanVAE(config.vae)
-  if vae_path:
-    vae_params = loading.load_vae(vae_path, config.vae, 'vae')
-    weights['vae'] = os.path.abspath(vae_path)
-  else:
-    logging.warning('vae: no checkpoint given: RANDOM VAE weights (seed %d); latents are '
-                    'meaningless for training a real model', seed)
-    vae_params = random_init.embedded_vae(config.vae, seed)
-    weights['vae'] = f'embedded(seed={seed})'
-  if text_path:
-    text_params = loading.load_text(text_path, config.text, 'text')
-    weights['text'] = os.path.abspath(text_path)
-  else:
-    logging.warning('text: no checkpoint given: RANDOM umT5 weights (seed %d); embeddings are '
-                    'meaningless for training a real model', seed)
-    text_params = random_init.embedded_text(config.text, seed)
-    weights['text'] = f'embedded(seed={seed})'
+  vae_params = params('vae', vae_path, loading.load_vae, random_init.embedded_vae, 'latents')
+  text_params = params('text', text_path, loading.load_text, random_init.embedded_text,
+                       'embeddings')
   return Encoders(vae, vae_params, text_lib.PromptEncoder(text_params, config.text, tok), weights)
 
 

@@ -165,3 +165,13 @@ def _encode_storyworld(data_cfg, config, sources, name, dirs):
   for split, out in zip(('train', 'heldout'), dirs):
     pc.precompute(sources[split], out, encoders, context_frames=config.model.context_frames,
                   source_name=f'storyworld/{name}:{split}', progress=False)
+
+
+def flatten_tables(rows, *caption_ids):
+  """(table [B R, L, d], *ids): per-example caption tables rows [B, R, L, d] stacked into one
+  table, which the DiT's cross-attention reads once for the whole batch, and each array of
+  caption-row ids [B, ...] offset by R b so that it indexes its own example's rows."""
+  b, r = rows.shape[:2]
+  off = r * jnp.arange(b, dtype=jnp.int32)
+  table = rows.reshape((b * r,) + rows.shape[2:])
+  return (table,) + tuple(ids + off.reshape((b,) + (1,) * (ids.ndim - 1)) for ids in caption_ids)

@@ -68,13 +68,11 @@ def make_example(record, rng: np.random.Generator, *, negative: np.ndarray, cont
 def conditioning(batch, target_frames: int):
   """(cond, text, uncond_text) for a batch: caption tables flattened over the batch; the
   negative prompt (the same in every example) as a 1-row table."""
-  b, rows = batch['text'].shape[:2]
-  shot, caption = batch['frame_shot'], batch['frame_caption']
   widen = lambda a: jnp.concatenate(
       [a[:, :-1], jnp.repeat(a[:, -1:], target_frames, axis=1)], axis=1)
-  cond = teacher_lib.FrameConcat(ctx_latents=batch['ctx_latents'], frame_shot=widen(shot),
-                                 frame_caption=widen(caption) + rows * jnp.arange(b)[:, None])
-  text = batch['text'].reshape((b * rows,) + batch['text'].shape[2:])
+  text, caption = data_lib.flatten_tables(batch['text'], widen(batch['frame_caption']))
+  cond = teacher_lib.FrameConcat(ctx_latents=batch['ctx_latents'],
+                                 frame_shot=widen(batch['frame_shot']), frame_caption=caption)
   return cond, text, batch['negative'][0]
 
 

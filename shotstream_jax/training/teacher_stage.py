@@ -158,13 +158,10 @@ def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, we
   if prompt_dropout > 0:
     drop = jax.random.bernoulli(k_p, prompt_dropout, (b,))
     text = jnp.where(drop[:, None, None, None], 0.0, text)
-  rows = text.shape[1]
+  table, frame_caption = data_lib.flatten_tables(text, frame_caption)
   v = model.apply({'params': params}, x_t,
-                  jnp.broadcast_to((sigma * num_train_timesteps)[:, None], (b, f)),
-                  text.reshape((b * rows,) + text.shape[2:]),
-                  frame_shot=frame_shot,
-                  frame_caption=frame_caption + rows * jnp.arange(b)[:, None],
-                  attention='bidirectional')
+                  jnp.broadcast_to((sigma * num_train_timesteps)[:, None], (b, f)), table,
+                  frame_shot=frame_shot, frame_caption=frame_caption, attention='bidirectional')
   err = jnp.mean(jnp.square(v - (noise - x0)), axis=(2, 3, 4))                # [B, F]
   mask = batch['target_mask']
   per_example = jnp.sum(err * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
