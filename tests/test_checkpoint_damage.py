@@ -37,7 +37,7 @@ def _steps(workdir):
 def _saved_params_finite(workdir):
   for step in _steps(workdir):
     params = loading.restore_networks(os.path.join(workdir, 'checkpoints', str(step)),
-                                       ['teacher'])
+                                      ['teacher'])
     assert not checkpoints.nonfinite_paths(params), (workdir, step)
 
 

@@ -35,7 +35,7 @@ def test_load_from_workdir_step_dir_and_orbax_dir(tmp_path_factory, tmp_path):
   want = state.params['teacher']
   _assert_equal(loading.load_network_params(workdir, 'teacher', c.model), want)
   _assert_equal(loading.load_network_params(os.path.join(workdir, 'checkpoints', '1'), 'teacher',
-                                         c.model), want)
+                                        c.model), want)
   with pytest.raises(ValueError, match=r"init_from: .* no network 'generator'"):
     loading.load_network_params(workdir, 'generator', c.model)
 

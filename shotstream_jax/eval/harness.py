@@ -83,7 +83,7 @@ def models_from_chain(root: str, preset: str = 'storyworld', overrides=None) -> 
   ch = chain_lib.Chain(root, preset, overrides)
   config = ch.model_config()
   load = lambda step, net: loading.load_network_params(ch.source(step), net, config.model,
-                                                        field=step)
+                                                       field=step)
   generators = {}
   for name, step in zip(STUDENTS, ('ode', 'dmd_intra', 'dmd_inter')):
     if chain_lib.Chain.done(ch, step):

@@ -195,7 +195,7 @@ class Chain:
   def _model(self):
     config = self.model_config()
     dit = loading.load_network_params(self.workdir('dmd_inter'), 'generator', config.model,
-                                       field='dmd_inter')
+                                      field='dmd_inter')
     text = umt5_convert.load_umt5(self.text_file, config.text)
     manifest = {'made_by': 'launch/reproduce.py', 'preset': self.preset,
                 'steps': read_times(self.root), 'overrides': self.overrides}

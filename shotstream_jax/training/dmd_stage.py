@@ -220,7 +220,7 @@ class DmdStage(stage_lib.PrecomputedStage):
                                     out_shardings=sharding)
       return self._random_init(key)
     return loading.load_network_params(path, network, self.config.model, sharding=sharding,
-                                        field=field)
+                                       field=field)
 
   def _vae_params(self):
     """The VAE that encoded the data: StoryWorld's random weights (data.encoder_seed, as

@@ -146,14 +146,14 @@ class OdeInitStage(stage_lib.PrecomputedStage):
     oc, model_cfg = self.config.ode, self.config.model
     if oc.init_from:
       gen = loading.load_network_params(oc.init_from, oc.init_network, model_cfg,
-                                         sharding=shardings[GENERATOR], field='ode.init_from')
+                                        sharding=shardings[GENERATOR], field='ode.init_from')
     else:
       gen = jax.jit(lambda k: dit.init_params(model_cfg, k),
                     out_shardings=shardings[GENERATOR])(key)
     if oc.teacher_from:
       teacher = loading.load_network_params(oc.teacher_from, TEACHER, model_cfg,
-                                             sharding=shardings[TEACHER],
-                                             field='ode.teacher_from')
+                                            sharding=shardings[TEACHER],
+                                            field='ode.teacher_from')
     else:   # own buffers: the train state is donated
       teacher = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                         out_shardings=shardings[TEACHER])(gen)
