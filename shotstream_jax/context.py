@@ -39,6 +39,12 @@ class ContextChoice:
   gen_caption: int
   caption_shots: Tuple[int, ...]   # [Cf + 1] which shot's prompt fills each table row
 
+  def batch_ids(self, batch: int):
+    """(ctx_shot [B, Cf], ctx_caption [B, Cf], gen_shot [B], gen_caption [B]) int32: this
+    choice's ids for every row of a batch, the id fields of a `causal.ShotPlan`."""
+    rep = lambda x: np.broadcast_to(np.asarray(x, np.int32), (batch,) + np.shape(x))
+    return rep(self.ctx_shot), rep(self.ctx_caption), rep(self.gen_shot), rep(self.gen_caption)
+
 
 def _picks(shot_lengths: Sequence[int], target: int, budget: int):
   """(shot j, frame indices into all shots concatenated) of the context of shot `target`."""

@@ -325,9 +325,7 @@ class StorySession:
       ctx = pipe._encode_context(pipe.vae_params, jnp.asarray(frames))
     else:  # first shot: exact zeros (the reference encodes black frames, then zeroes them)
       ctx = jnp.zeros((1, pipe.budget, h, w, pipe.config.model.in_channels), jnp.float32)
-    i32 = lambda x: jnp.asarray([x], jnp.int32)
-    return causal.ShotPlan(ctx, i32(choice.ctx_shot), i32(choice.ctx_caption),
-                           i32(choice.gen_shot), i32(choice.gen_caption), text_kv)
+    return causal.ShotPlan(ctx, *map(jnp.asarray, choice.batch_ids(1)), text_kv)
 
   def _prompt(self, shot: int) -> str:
     """The text encoded for `shot` (`shot_text`; a cut is reported once per shot on stderr and

@@ -144,10 +144,8 @@ def shot_plan(model_cfg, params, ctx_latents, choice: context_lib.ContextChoice,
   """(ShotPlan, caption table) of one shot of every story of a batch: its caption table rows
   gathered from per-shot prompt embeddings caption_rows [B, S, L, text_dim]; every story has the
   same shot lengths, so one context choice serves the batch."""
-  b = ctx_latents.shape[0]
-  rep = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,) + np.shape(x))
-  return batch_plan(model_cfg, params, ctx_latents, rep(choice.ctx_shot),
-                    rep(choice.ctx_caption), rep(choice.gen_shot), rep(choice.gen_caption),
+  ids = map(jnp.asarray, choice.batch_ids(ctx_latents.shape[0]))
+  return batch_plan(model_cfg, params, ctx_latents, *ids,
                     caption_rows[:, np.asarray(choice.caption_shots)])
 
 
