@@ -113,6 +113,17 @@ def _check_tree(params, want, path: str, field: str):
                      f'{bad[:3]} (another model preset?)')
 
 
+def _restore_orbax(path: str, field: str):
+  """Params of an orbax params directory (checkpoints.save_params), errors naming `field`."""
+  try:
+    return checkpoints.restore_params(path)
+  except checkpoints.NonFiniteParamsError as e:
+    raise ValueError(f'{field}: {e}') from None
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'{field}: {path} is neither a training workdir (no {CHECKPOINTS}/) nor '
+                     f'an orbax params directory ({e})') from e
+
+
 def load_network_params(path: str, network: str, model_cfg, *, sharding: Optional[Any] = None,
                         field: str = 'init_from'):
   """DiT params of `network` from `path` (see the module docstring), placed by `sharding`.
@@ -133,13 +144,7 @@ def load_network_params(path: str, network: str, model_cfg, *, sharding: Optiona
     params = _restore_network(path, network, model_cfg, field, sharding)
     _check_finite(params, path, field)
   elif os.path.isdir(path):
-    try:
-      params = checkpoints.restore_params(path)
-    except checkpoints.NonFiniteParamsError as e:
-      raise ValueError(f'{field}: {e}') from None
-    except (FileNotFoundError, ValueError) as e:
-      raise ValueError(f'{field}: {path} is neither a training workdir (no {CHECKPOINTS}/) nor '
-                       f'an orbax params directory ({e})') from e
+    params = _restore_orbax(path, field)
   else:
     params = convert_dit.load_dit(path, model_cfg)
     _check_finite(params, path, field)
@@ -234,10 +239,7 @@ def _load_network(path: str, network: str, want, read_file, field: str):
   if _is_training_dir(path):
     params = restore_networks(path, [network], field)[network]
   elif os.path.isdir(path):
-    try:
-      params = checkpoints.restore_params(path)
-    except checkpoints.NonFiniteParamsError as e:
-      raise ValueError(f'{field}: {e}') from None
+    params = _restore_orbax(path, field)
   else:
     params = read_file(path)
     _check_finite(params, path, field)
