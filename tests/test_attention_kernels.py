@@ -106,7 +106,7 @@ def test_dit_forward_and_cached_chunk_equal_xla(dit_pair):
   chunk = dict(frame_pos=kw['frame_pos'][:, :2] + f, frame_shot=kw['frame_shot'][:, :2],
                frame_caption=kw['frame_caption'][:, :2])
   tokens = 16 // np.prod(cfg.patch_size[1:])          # latent tokens a frame (4x4 latents)
-  for prefix in ((pk, pv, valid),
+  for prefix in ([(pk, pv, valid)],
                  [(k, v, None), (pk, pv, attention.Filled(jnp.int32(2 * tokens), tokens))]):
     outs = {impl: apply[impl]({'params': params}, lat[:, :2], t[:, :2], caps, prefix_kv=prefix,
                               **chunk) for impl in ('xla', 'splash')}

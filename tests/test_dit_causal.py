@@ -119,7 +119,7 @@ def test_block_causal_equals_kv_prefix_formulation(setup):
   out, (k, v) = run(slice(0, 2), None)
   np.testing.assert_allclose(full[:, :2], out, atol=ATOL)
   for start in (2, 4, 6):
-    prefix = (k, v, jnp.ones(k.shape[1:3], bool))
+    prefix = [(k, v, jnp.ones(k.shape[1:3], bool))]
     out, (k_new, v_new) = run(slice(start, start + 2), prefix)
     np.testing.assert_allclose(full[:, start:start + 2], out, atol=ATOL)
     k = jnp.concatenate([k, k_new], axis=2)
@@ -138,9 +138,11 @@ def test_invalid_prefix_entries_are_ignored(setup):
   valid = jnp.arange(pk.shape[2])[None] < k.shape[2]
   kw = dict(frame_pos=pos[:, 2:4], frame_shot=shot[:, 2:4], frame_caption=cap[:, 2:4])
   a = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps,
-            prefix_kv=(k, v, jnp.ones(k.shape[1:3], bool)), **kw)
-  b = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=(pk, pv, valid), **kw)
+            prefix_kv=[(k, v, jnp.ones(k.shape[1:3], bool))], **kw)
+  b = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=[(pk, pv, valid)], **kw)
   np.testing.assert_allclose(a, b, atol=ATOL)
+  with pytest.raises(ValueError, match=r'prefix_kv: expected a sequence of \(k, v, valid\)'):
+    apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=(pk, pv, valid), **kw)
 
 
 def test_mask_layout():
@@ -168,7 +170,7 @@ def test_precomputed_text_kv_and_segmented_prefix(setup):
   np.testing.assert_allclose(out, base, atol=ATOL)
   kw = dict(frame_pos=pos[:, 2:4], frame_shot=shot[:, 2:4], frame_caption=cap[:, 2:4])
   ones = jnp.ones(k.shape[1:3], bool)
-  whole = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=(k, v, ones), **kw)
+  whole = apply({'params': params}, lat[:, 2:4], t[:, 2:4], caps, prefix_kv=[(k, v, ones)], **kw)
   split = apply({'params': params}, lat[:, 2:4], t[:, 2:4], None, text_kv=text_kv,
                 prefix_kv=[(k[:, :, :5], v[:, :, :5], ones[:, :5]),
                            (k[:, :, 5:], v[:, :, 5:], ones[:, 5:])], **kw)

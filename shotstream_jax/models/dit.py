@@ -17,11 +17,11 @@ Param names mirror the original Wan checkpoint (`blocks`, `self_attn.q`, `norm3`
 stream, norms, modulation and RoPE run in float32; matmuls and attention in `config.dtype`.
 
 Cached modes (the streaming student) use two seams: `return_kv=True` returns every layer's
-post-RoPE self-attention K/V, and `prefix_kv=(k, v, valid)` lets the queries attend to extra
+post-RoPE self-attention K/V, and `prefix_kv=[(k, v, valid), ...]` lets the queries attend to extra
 per-layer K/V (the global and local caches) in front of their own.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -179,11 +179,11 @@ class WanBlock(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x, layer_inputs, shared):
+  def __call__(self, x, layer_inputs, inputs: 'BlockInputs'):
     prefix_kv, text_kv = layer_inputs
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
-    e0, num_frames = shared['e0'], shared['e0'].shape[1]
+    e0, num_frames = inputs.e0, inputs.e0.shape[1]
     mod = self.param('modulation', _modulation_init(('norm', None, 'embed')),
                      (1, 6, cfg.dim), jnp.float32)
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod[None] + e0, 6, axis=2)
@@ -191,15 +191,15 @@ class WanBlock(nn.Module):
         a[:, :, 0] for a in (shift, scale, gate, c_shift, c_scale, c_gate))
 
     h = _modulate(_layer_norm(cfg.eps, False, 'norm1')(x), shift, scale, num_frames)
-    y, kv = SelfAttention(cfg, name='self_attn')(h.astype(dt), shared['angles'], shared['mask'],
-                                                 prefix_kv, shared['prefix_valid'])
+    y, kv = SelfAttention(cfg, name='self_attn')(h.astype(dt), inputs.angles, inputs.mask,
+                                                 prefix_kv, inputs.prefix_valid)
     x = x + _gate(y, gate, num_frames)
 
     h = _layer_norm(cfg.eps, True, 'norm3')(x).astype(dt)
     cross = CrossAttention(cfg, name='cross_attn')
     if text_kv is None:
-      text_kv = cross.text_kv(shared['text'])
-    x = x + cross(h, text_kv, shared['frame_caption'], num_frames).astype(jnp.float32)
+      text_kv = cross.text_kv(inputs.text)
+    x = x + cross(h, text_kv, inputs.frame_caption, num_frames).astype(jnp.float32)
 
     h = _modulate(_layer_norm(cfg.eps, False, 'norm2')(x), c_shift, c_scale, num_frames)
     y = Dense(cfg.ffn_dim, ('embed', 'mlp'), dt, name='ffn_0')(h.astype(dt))
@@ -230,6 +230,16 @@ class Head(nn.Module):
                  name='head')(h.astype(dtype_of(cfg.dtype)))
 
 
+class BlockInputs(NamedTuple):
+  """What every scanned block reads besides its own layer's params and prefix K/V."""
+  e0: jax.Array                          # [B, F, 6, D] per-frame modulation (float32)
+  angles: jax.Array                      # RoPE angles of this call's tokens
+  mask: Any                              # None (full) or an `attention.BlockCausal`
+  text: Optional[jax.Array]              # [N, L_text, D] embedded text; None with `text_kv`
+  frame_caption: Optional[jax.Array]     # [B, F] caption row per frame, or None (row b)
+  prefix_valid: tuple                    # per prefix segment: mask, None or `Filled`
+
+
 class WanDiT(nn.Module):
   """Wan2.1 T2V DiT with per-frame timesteps, shot-aware RoPE and caption routing.
 
@@ -242,7 +252,7 @@ class WanDiT(nn.Module):
   def __call__(self, latents, timesteps, context=None, frame_pos=None, frame_shot=None,
                frame_caption=None, attention: str = 'bidirectional',
                chunk_frames: Optional[int] = None, context_frames: Optional[int] = None,
-               prefix_kv=None, return_kv: bool = False, text_kv=None):
+               prefix_kv=(), return_kv: bool = False, text_kv=None):
     """Flow velocity for `latents`.
 
     Args:
@@ -257,10 +267,10 @@ class WanDiT(nn.Module):
         for batch element b).
       attention: 'bidirectional' (teacher, critic) or 'block_causal' (student training).
       chunk_frames, context_frames: the block-causal layout (default: from the config).
-      prefix_kv: optional (k [L, B, P, H, Dh], v, valid) or a sequence of such segments
-        attended in front of the sequence's own keys (the streaming caches); valid is a bool
-        mask [B, P], None (all slots hold keys) or `attention.Filled` (the first `length`
-        slots, attended at the cost of the filled part only).
+      prefix_kv: a sequence of (k [L, B, P, H, Dh], v, valid) segments attended in front of
+        the sequence's own keys (the streaming caches); valid is a bool mask [B, P], None (all
+        slots hold keys) or `attention.Filled` (the first `length` slots, attended at the cost
+        of the filled part only).
       return_kv: also return the stacked per-layer post-RoPE (k, v) of this call's tokens.
       text_kv: optional precomputed cross-attention (k, v) [L, N, L_text, H, Dh] from
         `WanTextKV` (replaces `context`).
@@ -269,68 +279,98 @@ class WanDiT(nn.Module):
       velocity [B, F, H, W, C_out] in float32, and (k, v) if `return_kv`.
     """
     cfg = self.config
-    dt = dtype_of(cfg.dtype)
-    b, f, hgt, wid, c = _check_latents(latents, cfg)
-    pt, ph, pw = cfg.patch_size
-    fp, hp, wp = f // pt, hgt // ph, wid // pw
+    b, f, hgt, wid, _ = _check_latents(latents, cfg)
+    fp, hp, wp = f // cfg.patch_size[0], hgt // cfg.patch_size[1], wid // cfg.patch_size[2]
     timesteps = _per_frame('timesteps', timesteps, b, fp, jnp.float32)
     frame_pos = _per_frame('frame_pos', frame_pos, b, fp, jnp.int32, jnp.arange(fp))
     frame_shot = _per_frame('frame_shot', frame_shot, b, fp, jnp.int32, jnp.zeros(fp))
-    if (context is None) == (text_kv is None):
-      raise ValueError('context: pass exactly one of context (text embeddings) and text_kv')
-    if context is not None and (context.ndim != 3 or context.shape[-1] != cfg.text_dim):
-      raise ValueError(f'context: expected [N, L, {cfg.text_dim}], got {tuple(context.shape)}')
-    rows = context.shape[0] if context is not None else text_kv[0].shape[1]
-    if frame_caption is not None:
-      frame_caption = _per_frame('frame_caption', frame_caption, b, fp, jnp.int32)
-    elif rows != b:
-      raise ValueError(f'context: has {rows} rows but the batch has {b}; pass '
-                       'frame_caption to route frames to captions')
-
-    # Patchify: (pt, ph, pw, C) per token, C fastest; tokens laid out (frame, h, w).
-    x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    x = x.reshape(b, fp * hp * wp, pt * ph * pw * c)
-    x = Dense(cfg.dim, (None, 'embed'), dt, name='patch_embedding')(x.astype(dt))
-    x = x.astype(jnp.float32)
-
-    # Per-frame time embedding e [B, F, D] and modulation e0 [B, F, 6, D], in float32.
-    sin = timestep_sinusoid(timesteps, cfg.freq_dim)
-    e = Dense(cfg.dim, (None, 'embed'), jnp.float32, name='time_embedding_0')(sin)
-    e = Dense(cfg.dim, ('mlp', 'embed'), jnp.float32, name='time_embedding_2')(nn.silu(e))
-    e0 = Dense(6 * cfg.dim, ('embed', 'mlp'), jnp.float32, name='time_projection')(nn.silu(e))
-    e0 = e0.reshape(b, fp, 6, cfg.dim)
-
-    text = None if context is None else _text_embedding(cfg, context)
-
-    angles = rope_lib.rope_angles(frame_pos, frame_shot, hp, wp, cfg.dim // cfg.num_heads,
-                                  base=cfg.rope.base, theta=cfg.rope.theta,
-                                  position_gap=cfg.rope.position_gap)
-    if attention not in attn_lib.ATTENTION_MODES:
-      raise ValueError(f'attention: unknown mode {attention!r}; accepted: '
-                       f'{", ".join(attn_lib.ATTENTION_MODES)}')
-    mask = None
-    if attention == 'block_causal':
-      mask = attn_lib.BlockCausal(
-          fp, hp * wp, cfg.chunk_frames if chunk_frames is None else chunk_frames,
-          cfg.context_frames if context_frames is None else context_frames)
-
+    frame_caption = _caption_routing(cfg, b, fp, context, text_kv, frame_caption)
     segments = _prefix_segments(prefix_kv)
-    prefix_valid = tuple(valid for _, _, valid in segments)
-    prefix_kv = tuple((k, v) for k, v, _ in segments)
-    shared = dict(e0=e0, angles=angles, mask=mask, text=text, frame_caption=frame_caption,
-                  prefix_valid=prefix_valid)
+
+    dt = dtype_of(cfg.dtype)
+    x = Dense(cfg.dim, (None, 'embed'), dt, name='patch_embedding')(
+        _patchify(latents, cfg).astype(dt)).astype(jnp.float32)
+    e, e0 = _time_embedding(cfg, timesteps)
+    inputs = BlockInputs(
+        e0=e0,
+        angles=rope_lib.rope_angles(frame_pos, frame_shot, hp, wp, cfg.dim // cfg.num_heads,
+                                    base=cfg.rope.base, theta=cfg.rope.theta,
+                                    position_gap=cfg.rope.position_gap),
+        mask=_attention_mask(cfg, attention, fp, hp * wp, chunk_frames, context_frames),
+        text=None if context is None else _text_embedding(cfg, context),
+        frame_caption=frame_caption,
+        prefix_valid=tuple(valid for _, _, valid in segments))
     block = nn.remat(WanBlock, prevent_cse=False) if cfg.remat else WanBlock
-    blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                     unroll=cfg.get('scan_unroll', 1),
-                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, kv = blocks(cfg, return_kv, name='blocks')(x, (prefix_kv, text_kv), shared)
+    x, kv = _scan_layers(cfg, block, (0, nn.broadcast))(cfg, return_kv, name='blocks')(
+        x, (tuple((k, v) for k, v, _ in segments), text_kv), inputs)
 
     out = Head(cfg, name='head')(x, e, fp).astype(jnp.float32)
-    out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_channels)
-    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hgt, wid, cfg.out_channels)
-    out = velocity_from_output(cfg, out, latents, timesteps, pt)
+    out = _unpatchify(out, latents.shape, cfg)
+    out = velocity_from_output(cfg, out, latents, timesteps, cfg.patch_size[0])
     return (out, kv) if return_kv else out
+
+
+def _scan_layers(cfg, block, in_axes):
+  """`block` scanned over the layers, its params stacked on a leading 'layers' axis."""
+  return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                 in_axes=in_axes, length=cfg.num_layers, unroll=cfg.get('scan_unroll', 1),
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+
+
+def _patchify(latents, cfg):
+  """[B, F, H, W, C] -> [B, tokens, pt*ph*pw*C]: (pt, ph, pw, C) per token, C fastest;
+  tokens laid out (frame, h, w)."""
+  b, f, hgt, wid, c = latents.shape
+  pt, ph, pw = cfg.patch_size
+  x = latents.reshape(b, f // pt, pt, hgt // ph, ph, wid // pw, pw, c)
+  return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)
+
+
+def _unpatchify(out, shape, cfg):
+  """The head's tokens [B, tokens, pt*ph*pw*C_out] back to [B, F, H, W, C_out]."""
+  b, f, hgt, wid, _ = shape
+  pt, ph, pw = cfg.patch_size
+  out = out.reshape(b, f // pt, hgt // ph, wid // pw, pt, ph, pw, cfg.out_channels)
+  return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hgt, wid, cfg.out_channels)
+
+
+def _time_embedding(cfg, timesteps):
+  """Per-frame time embedding e [B, F, D] and modulation e0 [B, F, 6, D], in float32 (called
+  inside a compact method)."""
+  b, fp = timesteps.shape
+  sin = timestep_sinusoid(timesteps, cfg.freq_dim)
+  e = Dense(cfg.dim, (None, 'embed'), jnp.float32, name='time_embedding_0')(sin)
+  e = Dense(cfg.dim, ('mlp', 'embed'), jnp.float32, name='time_embedding_2')(nn.silu(e))
+  e0 = Dense(6 * cfg.dim, ('embed', 'mlp'), jnp.float32, name='time_projection')(nn.silu(e))
+  return e, e0.reshape(b, fp, 6, cfg.dim)
+
+
+def _caption_routing(cfg, b, fp, context, text_kv, frame_caption):
+  """Checks the text inputs; `frame_caption` as [B, F] int32, or None (frame of batch row b
+  reads text row b, which needs as many text rows as batch rows)."""
+  if (context is None) == (text_kv is None):
+    raise ValueError('context: pass exactly one of context (text embeddings) and text_kv')
+  if context is not None and (context.ndim != 3 or context.shape[-1] != cfg.text_dim):
+    raise ValueError(f'context: expected [N, L, {cfg.text_dim}], got {tuple(context.shape)}')
+  rows = context.shape[0] if context is not None else text_kv[0].shape[1]
+  if frame_caption is not None:
+    return _per_frame('frame_caption', frame_caption, b, fp, jnp.int32)
+  if rows != b:
+    raise ValueError(f'context: has {rows} rows but the batch has {b}; pass '
+                     'frame_caption to route frames to captions')
+  return None
+
+
+def _attention_mask(cfg, attention, fp, frame_tokens, chunk_frames, context_frames):
+  """None (bidirectional) or the student's block-causal layout."""
+  if attention not in attn_lib.ATTENTION_MODES:
+    raise ValueError(f'attention: unknown mode {attention!r}; accepted: '
+                     f'{", ".join(attn_lib.ATTENTION_MODES)}')
+  if attention != 'block_causal':
+    return None
+  return attn_lib.BlockCausal(
+      fp, frame_tokens, cfg.chunk_frames if chunk_frames is None else chunk_frames,
+      cfg.context_frames if context_frames is None else context_frames)
 
 
 PREDICTIONS = ('velocity', 'x0')
@@ -363,11 +403,8 @@ class WanTextKV(nn.Module):
   @nn.compact
   def __call__(self, context):
     cfg = self.config
-    blocks = nn.scan(_TextKVBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-                     in_axes=0, length=cfg.num_layers,
-                     unroll=cfg.get('scan_unroll', 1),
-                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    _, kv = blocks(cfg, name='blocks')(_text_embedding(cfg, context), None)
+    _, kv = _scan_layers(cfg, _TextKVBlock, 0)(cfg, name='blocks')(
+        _text_embedding(cfg, context), None)
     return kv
 
 
@@ -380,12 +417,13 @@ def _text_embedding(cfg, context):
 
 
 def _prefix_segments(prefix_kv):
-  """None | (k, v, valid) | [(k, v, valid), ...] -> a tuple of triples."""
-  if prefix_kv is None:
-    return ()
-  if len(prefix_kv) == 3 and hasattr(prefix_kv[0], 'ndim'):
-    return (tuple(prefix_kv),)
-  return tuple(tuple(seg) for seg in prefix_kv)
+  """A sequence of (k, v, valid) segments (None: none) as a tuple of triples."""
+  segments = tuple(prefix_kv or ())
+  for seg in segments:
+    if not isinstance(seg, (tuple, list)) or len(seg) != 3:
+      raise ValueError('prefix_kv: expected a sequence of (k, v, valid) segments, got an '
+                       f'element of type {type(seg).__name__}')
+  return tuple(tuple(seg) for seg in segments)
 
 
 def _check_latents(latents, cfg):
