@@ -34,7 +34,6 @@ from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
 from shotstream_jax.models import umt5
 from shotstream_jax.models import vae as vae_lib
-from shotstream_jax.training import checkpoint as ckpt_lib
 
 CHECKPOINTS = 'checkpoints'   # training/train_loop.py: <workdir>/checkpoints/<step>/{state,data}
 STATE_ITEM = 'state'
@@ -42,11 +41,11 @@ STATE_ITEM = 'state'
 
 def _from_newest_step(ckpt_dir: str, load):
   """load(step_dir) of the newest finalized step that loads with finite params; a damaged
-  newest step (checkpoint.newest_loadable) is skipped with a warning, not fatal."""
+  newest step (checkpoints.newest_loadable) is skipped with a warning, not fatal."""
   with ocp.CheckpointManager(ckpt_dir, item_names=(STATE_ITEM, 'data'),
                              options=ocp.CheckpointManagerOptions(create=False)) as manager:
     steps = list(manager.all_steps())
-  found = ckpt_lib.newest_loadable(ckpt_dir, steps,
+  found = checkpoints.newest_loadable(ckpt_dir, steps,
                                    lambda step: load(os.path.join(ckpt_dir, str(step))))
   if found is None:
     raise FileNotFoundError(f'init: no complete checkpoint in {ckpt_dir}')

@@ -13,7 +13,6 @@ import pytest
 
 from shotstream_jax import checkpoints
 from shotstream_jax import loading
-from shotstream_jax.training import checkpoint as ckpt_lib
 from shotstream_jax.training import train_loop
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -69,7 +68,7 @@ def test_resume_skips_damaged_newest_step(base_run, data_dir, tmp_path, capfd, h
   assert 'skipping step 4' in cap.err and 'resumed from step 2' in cap.out, cap
   for a, b in zip(_leaves(state), ref):
     np.testing.assert_array_equal(a, b)          # bitwise: the same steps 3-6 were run
-  damaged = os.path.join(work, 'checkpoints', ckpt_lib.DAMAGED)
+  damaged = os.path.join(work, 'checkpoints', checkpoints.DAMAGED)
   assert os.listdir(damaged) == ['4']            # kept for inspection, not deleted
   assert _steps(work)[-2:] == [4, 6]             # step 4 saved again by the resumed run
   _saved_params_finite(work)

@@ -16,7 +16,6 @@ from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
-from shotstream_jax.training import checkpoint as ckpt_lib
 from shotstream_jax.training import train_loop
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -41,7 +40,7 @@ def _write_run(workdir, config, step=4):
             'teacher': random_init.random_params(shapes, 3)}
   state = train_loop.TrainState(step=jnp.int32(step), params=params, opt_state={},
                                 rng=jax.random.key_data(jax.random.key(0)))
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), interval=step)
+  ck = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), interval=step)
   ck.save(step, state, {'position': 3})
   ck.close()
   return params

@@ -39,9 +39,9 @@ def tiny_config(data_dir: str, config_name: str = 'teacher', **overrides):
 
 def prepare_data(data_dir: str):
   """Builds and encodes the test StoryWorld once (later calls reuse the finished shards)."""
-  from shotstream_jax.training import data as data_lib  # pylint: disable=g-import-not-at-top
+  from shotstream_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   c = tiny_config(data_dir)
-  return data_lib.prepare(c.data, c, data_dir)
+  return inputs_lib.prepare(c.data, c, data_dir)
 
 
 def run_worker(command: str, args: dict, devices: int = 8, timeout: int = 600, check=True,

@@ -21,7 +21,7 @@ import train_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 from shotstream_jax.models import dit  # pylint: disable=g-import-not-at-top,wrong-import-position
 from shotstream_jax.models import random_init  # pylint: disable=wrong-import-position
-from shotstream_jax.training import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from shotstream_jax import checkpoints  # pylint: disable=wrong-import-position
 from shotstream_jax.training import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from shotstream_jax.training import sharding  # pylint: disable=wrong-import-position
 from shotstream_jax.training import teacher_stage  # pylint: disable=wrong-import-position
@@ -113,7 +113,7 @@ def stages(args):
 def train(args):
   c = train_fixtures.tiny_config(args['data_dir'], **args.get('overrides', {}))
   workdir = args['workdir']
-  start = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step()
+  start = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step()
   print(json.dumps({'resume_from': start}), flush=True)
   kill_at = args.get('kill_at')
 

@@ -44,7 +44,7 @@ from shotstream_jax import embedded
 from shotstream_jax import loading
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer as tokenizer_lib
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import train_loop
 from shotstream_jax.training import vae_stage
 
@@ -146,7 +146,7 @@ class Chain:
               'precompute': os.path.join(self.heldout_dir, pc.META_FILE),
               'model': os.path.join(self.model_dir, 'manifest.json')}[step]
     if step == 'precompute':
-      return all(data_lib.precomputed_complete(d) for d in (self.train_dir, self.heldout_dir))
+      return all(inputs_lib.precomputed_complete(d) for d in (self.train_dir, self.heldout_dir))
     return os.path.exists(marker)
 
   def run(self, step: str):
@@ -167,7 +167,7 @@ class Chain:
   def _text(self):
     """A SentencePiece vocabulary of the training prompts, and the frozen random umT5."""
     c = self.config('teacher')
-    sources, _ = data_lib.storyworld_sources(c.data.storyworld, self.data_dir)
+    sources, _ = inputs_lib.storyworld_sources(c.data.storyworld, self.data_dir)
     lines = [DIGITS_LINE]
     for ex in sources['train']:
       g = _text(ex['global_caption'])
@@ -187,7 +187,7 @@ class Chain:
   def _precompute(self):
     c = self.config('teacher')
     encoders = pc.build_encoders(c, self.vae_file, self.text_file, self.tokenizer_dir)
-    sources, name = data_lib.storyworld_sources(c.data.storyworld, self.data_dir)
+    sources, name = inputs_lib.storyworld_sources(c.data.storyworld, self.data_dir)
     for split, out in (('train', self.train_dir), ('heldout', self.heldout_dir)):
       pc.precompute(sources[split], out, encoders, context_frames=c.model.context_frames,
                     source_name=f'storyworld/{name}:{split}')

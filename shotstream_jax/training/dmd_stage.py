@@ -49,7 +49,7 @@ from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import rollout
 from shotstream_jax.training import sharding as sharding_lib
@@ -168,9 +168,9 @@ class DmdStage(stage_lib.PrecomputedStage):
         num_train_timesteps=s.num_train_timesteps, shift=s.shift,
         min_timestep=float(d.min_timestep), max_timestep=float(d.max_timestep),
         real_guidance=float(d.real_guidance))
-    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
+    self.train_dir, self.heldout_dir = inputs_lib.prepare(config.data, config, workdir)
     self._random_init = None
-    self.uncond_text = jnp.asarray(data_lib.negative_text(
+    self.uncond_text = jnp.asarray(inputs_lib.negative_text(
         d.negative, self.train_dir, m.text_len, m.text_dim, 'dmd.negative'))[None]   # [1, L, D]
     if self.inter:
       self.example = functools.partial(story_example, num_shots=d.num_shots)
@@ -224,7 +224,7 @@ class DmdStage(stage_lib.PrecomputedStage):
 
   def _vae_params(self):
     """The VAE that encoded the data: StoryWorld's random weights (data.encoder_seed, as
-    training/data.py) or `dmd.vae_path` (Wan2.1_VAE.pth or our orbax dir) for real data."""
+    training/inputs.py) or `dmd.vae_path` (Wan2.1_VAE.pth or our orbax dir) for real data."""
     cfg = self.config
     if cfg.data.source == 'storyworld':
       return random_init.embedded_vae(cfg.vae, cfg.data.encoder_seed)

@@ -38,7 +38,7 @@ import numpy as np
 from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import teacher as teacher_lib
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import losses
 from shotstream_jax.training import sharding as sharding_lib
 from shotstream_jax.training import stage as stage_lib
@@ -70,7 +70,7 @@ def conditioning(batch, target_frames: int):
   negative prompt (the same in every example) as a 1-row table."""
   widen = lambda a: jnp.concatenate(
       [a[:, :-1], jnp.repeat(a[:, -1:], target_frames, axis=1)], axis=1)
-  text, caption = data_lib.flatten_tables(batch['text'], widen(batch['frame_caption']))
+  text, caption = inputs_lib.flatten_tables(batch['text'], widen(batch['frame_caption']))
   cond = teacher_lib.FrameConcat(ctx_latents=batch['ctx_latents'],
                                  frame_shot=widen(batch['frame_shot']), frame_caption=caption)
   return cond, text, batch['negative'][0]
@@ -123,8 +123,8 @@ class OdeInitStage(stage_lib.PrecomputedStage):
                        f'{GENERATOR}, {TEACHER}')
     self.check_frozen_sections()
     self.model = dit.WanDiT(config.model)
-    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
-    negative = data_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
+    self.train_dir, self.heldout_dir = inputs_lib.prepare(config.data, config, workdir)
+    negative = inputs_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
                                       config.model.text_dim, 'ode.negative')
     self.eval_limit = oc.eval_batches   # the eval key fixes the teacher's noise
     self.example = functools.partial(

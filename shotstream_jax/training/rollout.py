@@ -26,7 +26,7 @@ from shotstream_jax.models import vae as vae_lib
 from shotstream_jax.sampling import causal
 from shotstream_jax.sampling import schedule
 from shotstream_jax.sampling import teacher
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 
 sg = jax.lax.stop_gradient
 
@@ -134,7 +134,7 @@ def batch_plan(model_cfg, params, ctx_latents, ctx_shot, ctx_caption, gen_shot, 
   """(ShotPlan, caption table) of a batch whose examples have their own caption tables
   rows [B, R, L, text_dim]: the tables are stacked into one [B R, L, text_dim] and each
   example's caption ids offset by R b. Text K/V under `stop_gradient` (as the reference)."""
-  table, ctx_caption, gen_caption = data_lib.flatten_tables(rows, ctx_caption, gen_caption)
+  table, ctx_caption, gen_caption = inputs_lib.flatten_tables(rows, ctx_caption, gen_caption)
   text_kv = sg(dit.WanTextKV(model_cfg).apply({'params': sg(params)}, table))
   plan = causal.ShotPlan(sg(ctx_latents), ctx_shot, ctx_caption, gen_shot, gen_caption, text_kv)
   return plan, table

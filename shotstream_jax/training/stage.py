@@ -21,7 +21,7 @@ import flax
 import jax
 import optax
 
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import optim as optim_lib
 
 
@@ -104,9 +104,9 @@ class Stage(abc.ABC):
 
 
 class PrecomputedStage(Stage):
-  """A stage on the precomputed latent shards (stages 1-4: training/data.py).
+  """A stage on the precomputed latent shards (stages 1-4: training/inputs.py).
 
-  Its `__init__` sets `train_dir` / `heldout_dir` (data_lib.prepare, after the config is
+  Its `__init__` sets `train_dir` / `heldout_dir` (inputs_lib.prepare, after the config is
   validated), `example` (record, rng -> example) and, where training examples differ from
   held-out ones, `train_example`; `eval_limit` is the number of held-out batches an evaluation
   reads (0 = the whole split, None = no held-out metrics).
@@ -118,7 +118,7 @@ class PrecomputedStage(Stage):
   eval_limit: Optional[int] = None
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
-    return data_lib.train_iterator(self.config, self.train_dir,
+    return inputs_lib.train_iterator(self.config, self.train_dir,
                                    self.train_example or self.example, shard_index,
                                    shard_count, batch_size)
 
@@ -126,5 +126,5 @@ class PrecomputedStage(Stage):
     """Held-out batches, a fixed list (the same examples every evaluation)."""
     if self.eval_limit is None:
       return []
-    return data_lib.heldout_batches(self.config, self.heldout_dir, self.example, batch_size,
+    return inputs_lib.heldout_batches(self.config, self.heldout_dir, self.example, batch_size,
                                     self.eval_limit)

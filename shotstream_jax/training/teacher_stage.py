@@ -37,7 +37,7 @@ from shotstream_jax import context as context_lib
 from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import sharding as sharding_lib
 from shotstream_jax.training import stage as stage_lib
 
@@ -158,7 +158,7 @@ def flow_loss(model, params, batch, key, *, context_frames: int, grid_sigmas, we
   if prompt_dropout > 0:
     drop = jax.random.bernoulli(k_p, prompt_dropout, (b,))
     text = jnp.where(drop[:, None, None, None], 0.0, text)
-  table, frame_caption = data_lib.flatten_tables(text, frame_caption)
+  table, frame_caption = inputs_lib.flatten_tables(text, frame_caption)
   v = model.apply({'params': params}, x_t,
                   jnp.broadcast_to((sigma * num_train_timesteps)[:, None], (b, f)), table,
                   frame_shot=frame_shot, frame_caption=frame_caption, attention='bidirectional')
@@ -201,8 +201,8 @@ class TeacherStage(stage_lib.PrecomputedStage):
       raise ValueError(f'teacher.image_mix / image_weight: must be >= 0, got {tc.image_mix} / '
                        f'{tc.image_weight}')
     ctx = context_frames(config)
-    self.train_dir, self.heldout_dir = data_lib.prepare(config.data, config, workdir)
-    self.latent_stats = data_lib.latent_stats(self.train_dir)
+    self.train_dir, self.heldout_dir = inputs_lib.prepare(config.data, config, workdir)
+    self.latent_stats = inputs_lib.latent_stats(self.train_dir)
     self.eval_limit = tc.eval_batches
     self.example = functools.partial(
         make_example, context_frames=ctx,

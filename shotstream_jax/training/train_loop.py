@@ -23,7 +23,6 @@ import numpy as np
 import tqdm
 
 from shotstream_jax import checkpoints
-from shotstream_jax.training import checkpoint as ckpt_lib
 from shotstream_jax.training import metrics as metrics_lib
 from shotstream_jax.training import optim as optim_lib
 from shotstream_jax.training import sharding as sharding_lib
@@ -226,7 +225,7 @@ def _local_batch(config, mesh) -> int:
 def _restore_or_init(checkpointer, iterator, stage, tx, shapes, shardings, seed: int):
   """(state, first step): the newest loadable checkpoint with its data position, or a fresh
   state at step 0."""
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(shapes, shardings))
+  restored = checkpointer.restore_latest(checkpoints.abstract_like(shapes, shardings))
   if restored is None:
     return init_state(stage, tx, shardings, seed), 0
   start, state, data_state = restored
@@ -341,7 +340,7 @@ def train(config, workdir: str, *, stage=None,
   with contextlib.ExitStack() as cleanup:
     # The ambient mesh: kernels XLA cannot partition (models/attention.py: splash) read it.
     cleanup.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
     cleanup.callback(checkpointer.close)
     iterator = stage.train_iterator(jax.process_index(), jax.process_count(), local_batch)

@@ -50,7 +50,7 @@ from shotstream_jax.convert import vae as vae_convert
 from shotstream_jax.io.video import to_unit
 from shotstream_jax import loading
 from shotstream_jax.models import vae as vae_lib
-from shotstream_jax.training import data as data_lib
+from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import stage as stage_lib
 
 VAE = 'vae'
@@ -226,8 +226,8 @@ class VaeStage(stage_lib.Stage):
       raise ValueError(f'vae_train.full_shots: must be in [0, data.batch_size = '
                        f'{config.data.batch_size}], got {vt.full_shots}')
     self.vae = vae_lib.WanVAE(config.vae)
-    self.sources, self.source_name = data_lib.storyworld_sources(
-        sw_cfg, data_lib.data_root(config.data, workdir))
+    self.sources, self.source_name = inputs_lib.storyworld_sources(
+        sw_cfg, inputs_lib.data_root(config.data, workdir))
     self._example = functools.partial(shot_example, frames_per_shot=sw_cfg.frames_per_shot,
                                       clip_frames=vt.clip_frames)
     self.loss_fn = functools.partial(reconstruction_loss, self.vae, l1=vt.l1, mse=vt.mse,
@@ -273,13 +273,13 @@ class VaeStage(stage_lib.Stage):
 
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
     d = self.config.data
-    return data_lib.make_iterator(self.sources['train'], self._example, batch_size=batch_size,
+    return inputs_lib.make_iterator(self.sources['train'], self._example, batch_size=batch_size,
                                   seed=d.seed, shuffle=d.shuffle, shard_index=shard_index,
                                   shard_count=shard_count, read_threads=d.read_threads,
                                   prefetch=d.prefetch)
 
   def eval_batches(self, batch_size: int):
-    batches = list(data_lib.make_iterator(
+    batches = list(inputs_lib.make_iterator(
         self.sources['heldout'], self._example, batch_size=batch_size,
         seed=self.config.train.eval_seed, shuffle=False, num_epochs=1,
         shard_index=jax.process_index(), shard_count=jax.process_count(), read_threads=1,
@@ -345,8 +345,8 @@ def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dic
                      'trained with identity normalisation (0 / 1); this config has others')
   params = loading.restore_networks(workdir, [VAE])[VAE]
   vae = vae_lib.WanVAE(config.vae)
-  sources, _ = data_lib.storyworld_sources(config.data.storyworld,
-                                           data_lib.data_root(config.data, workdir))
+  sources, _ = inputs_lib.storyworld_sources(config.data.storyworld,
+                                           inputs_lib.data_root(config.data, workdir))
   example = functools.partial(shot_example, frames_per_shot=config.data.storyworld.frames_per_shot,
                               clip_frames=1)
   rng = np.random.default_rng(0)
