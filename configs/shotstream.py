@@ -217,6 +217,8 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   c.vae = vae_config(preset)
   c.text = text_config(preset)
   c.sampling = sampling_config(preset)
+  # Seed of the embedded random weights (DiT, VAE, umT5) wherever no file is given: random
+  # generation, --ckpt alone at `tiny`, and the encoders StoryWorld training encodes with.
   c.seed = 0
   # Trained weights shipped with the repository for this preset ('' = none: random weights);
   # relative to the repository root (shotstream_jax/embedded.py).

@@ -55,7 +55,6 @@ def base(preset: str, stage: str) -> ml_collections.ConfigDict:
     c.sampling.shot_latent_frames = c.sampling.local_frames = vae_lib.latent_frames(
         c.vae, sw.frames_per_shot)
   d.dir = ''                  # storyworld: where it is built and encoded ('' = <workdir>/data)
-  d.encoder_seed = 0          # storyworld: seed of the random tiny VAE / umT5 weights
   d.train_dir = ''            # precomputed: launch/precompute.py output of the train split
   d.heldout_dir = ''          # precomputed: ... of a held-out split
   d.batch_size = {'tiny': 4, 'storyworld': 16}.get(preset, 8)   # global, over all processes

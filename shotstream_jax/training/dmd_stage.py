@@ -223,11 +223,11 @@ class DmdStage(stage_lib.PrecomputedStage):
                                        field=field)
 
   def _vae_params(self):
-    """The VAE that encoded the data: StoryWorld's random weights (data.encoder_seed, as
+    """The VAE that encoded the data: StoryWorld's random weights (`seed`, as
     training/inputs.py) or `dmd.vae_path` (Wan2.1_VAE.pth or our orbax dir) for real data."""
     cfg = self.config
     if cfg.data.source == 'storyworld':
-      return random_init.embedded_vae(cfg.vae, cfg.data.encoder_seed)
+      return random_init.embedded_vae(cfg.vae, cfg.seed)
     if not cfg.dmd.vae_path:
       raise ValueError('dmd.vae_path: required for dmd_inter on precomputed data (the VAE that '
                        'encoded it, e.g. Wan2.1_VAE.pth)')

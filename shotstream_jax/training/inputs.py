@@ -157,7 +157,7 @@ def precomputed_complete(out_dir: str) -> bool:
 
 def _encode_storyworld(data_cfg, config, sources, name, dirs):
   """Precompute StoryWorld with the preset's VAE / umT5 at random weights (`tiny` only)."""
-  seed = data_cfg.encoder_seed
+  seed = config.seed   # the same embedded encoders generation builds (configs/shotstream.py)
   encoders = pc.Encoders(
       vae_lib.WanVAE(config.vae), random_init.embedded_vae(config.vae, seed),
       loading.embedded_prompt_encoder(config, seed),
