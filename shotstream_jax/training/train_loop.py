@@ -10,6 +10,7 @@ metrics and a progress bar.
 """
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -155,20 +156,28 @@ def _key_data(seed: int):
   return jax.random.key_data(jax.random.key(seed))
 
 
+def fresh_state(tx, ema_nets, params, rng_key) -> TrainState:
+  """The state at step 0 around `params`: the one definition behind both the abstract state
+  (`eval_shape`, for shardings and restore) and the concrete one (`init_state`). EMAs start as
+  copies, not aliases: the state is donated to the step, and a buffer cannot be donated twice."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(rng_key),
+                    ema={n: jax.tree.map(jnp.copy, params[n]) for n in ema_nets})
+
+
 def state_shardings(stage, tx, mesh, rules, ema_nets=()):
-  """(abstract TrainState with shapes, TrainState of NamedShardings); `ema_nets` keep an EMA
-  laid out like their params."""
+  """(abstract TrainState, TrainState of NamedShardings), the whole state from one `eval_shape`
+  of `fresh_state`. Params are laid out by their logical axes (`stage.boxed_shapes()`), the
+  optimizer moments and EMAs like their params, scalars and the key replicated."""
   boxed = stage.boxed_shapes()
   param_sh = {n: sharding_lib.shardings_from_boxed(boxed[n], mesh, rules) for n in boxed}
   params = {n: flax.linen.meta.unbox(boxed[n]) for n in boxed}
-  opt_shapes = jax.eval_shape(tx.init, params)
+  shapes = jax.eval_shape(functools.partial(fresh_state, tx, tuple(ema_nets)), params,
+                          jax.random.key(0))
   repl = sharding_lib.replicated(mesh)
-  opt_sh = _like_params(opt_shapes, params, param_sh, repl)
-  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                      opt_state=opt_shapes, rng=jax.eval_shape(lambda: _key_data(0)),
-                      ema={n: params[n] for n in ema_nets})
-  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl,
-                         ema={n: param_sh[n] for n in ema_nets})
+  shardings = TrainState(step=repl, params=param_sh,
+                         opt_state=_like_params(shapes.opt_state, params, param_sh, repl),
+                         rng=repl, ema={n: param_sh[n] for n in ema_nets})
   return shapes, shardings
 
 
@@ -199,12 +208,8 @@ def init_state(stage, tx, shardings, seed: int) -> TrainState:
   """A fresh TrainState, created directly with its shardings."""
   init_key, rng = jax.random.split(jax.random.key(seed))
   params = stage.init_params(init_key, shardings.params)
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  # Copies, not aliases: the state is donated to the step, and a buffer cannot be donated twice.
-  ema = {n: jax.tree.map(lambda x: jnp.array(x, copy=True), params[n]) for n in shardings.ema}
-  return TrainState(step=jax.device_put(jnp.int32(0), shardings.step), params=params,
-                    opt_state=opt_state,
-                    rng=jax.device_put(jax.random.key_data(rng), shardings.rng), ema=ema)
+  return jax.jit(functools.partial(fresh_state, tx, tuple(shardings.ema)),
+                 out_shardings=shardings)(params, rng)
 
 
 # ----------------------------------------------------------------------------- loop
