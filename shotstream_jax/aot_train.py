@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from shotstream_jax import aot
+from shotstream_jax import checkpoints
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.data import precompute as pc
 from shotstream_jax.training import sharding as sharding_lib
@@ -96,16 +97,13 @@ def compile_step(config, devices: Sequence, mesh_shape: Sequence[int]):
   with tempfile.TemporaryDirectory() as workdir:
     stage = build_stage(config, workdir)
     tx, decays, step_fn = train_loop.stage_step(config, stage)
-    shapes, shardings = train_loop.state_shardings(stage, tx, mesh,
-                                                   sharding_lib.logical_rules(config),
-                                                   tuple(decays))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         shapes, shardings)
+    rules = sharding_lib.logical_rules(config)
+    shapes, shardings = train_loop.state_shardings(stage, tx, mesh, rules, tuple(decays))
+    state = checkpoints.abstract_like(shapes, shardings)
     batch = abstract_batch(stage, config, mesh)
     jitted = train_loop.jit_step(step_fn, shardings,
                                  jax.tree.map(lambda b: b.sharding, batch), mesh, donate=True)
-    # The ambient mesh, as in train(): kernels XLA cannot partition (splash) read it.
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with sharding_lib.activation_sharding(mesh, rules):   # as train() traces it
       return jitted.lower(state, batch).compile()
 
 

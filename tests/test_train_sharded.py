@@ -29,6 +29,10 @@ def test_sharded_steps_equal_single_device(data_dir, tmp_path):
   assert out['q_spec'] == "P(None, 'fsdp', 'tensor')", out['q_spec']
   assert out['q_shard'][1] * 2 == out['q_shard_single'][1]
   assert out['q_shard'][2] * 2 == out['q_shard_single'][2]
+  # The DiT's activation layouts (residual, q / k / v, FFN hidden; dit.ACT_*) are sharding
+  # constraints in the training context (in the scanned layer body: counted once) and nothing
+  # outside it.
+  assert out['constraints'] >= 5 and out['constraints_without_rules'] == 0, out
   # Same math, different reduction order (batch over 4 devices, matmuls split over 2 + 2): fp32
   # round-off only. Losses ~1; relative 1e-5 is ~100 ulps after 3 AdamW steps at lr 1e-3.
   assert out['loss_err'] < 1e-5 * max(out['losses_single']), out

@@ -59,14 +59,21 @@ def equivalence(args):
     repl = sharding.replicated(mesh)
     step = jax.jit(train_loop.guarded(stage.train_step(tx)),
                    in_shardings=(sh, bsh), out_shardings=(sh, repl))
+    first = sharding.shard_batch(batches[0], mesh)
+    # Activation layouts become constraints in the training context only (traced by lower()).
+    bare = step.lower(state, first).as_text().count('sharding_constraint')
+    with sharding.activation_sharding(mesh, rules):
+      constraints = step.lower(state, first).as_text().count('sharding_constraint')
     losses, gnorms, snapshots = [], [], []
     for b in batches:
-      state, m = step(state, sharding.shard_batch(b, mesh))
+      with sharding.activation_sharding(mesh, rules):
+        state, m = step(state, sharding.shard_batch(b, mesh))
       losses.append(float(m['loss']))
       gnorms.append(float(m['grad_norm/teacher']))
       snapshots.append(_flat(state.params))
     q = state.params['teacher']['blocks']['self_attn']['q']['kernel']
-    out[name] = dict(losses=losses, gnorms=gnorms, params=snapshots,
+    out[name] = dict(losses=losses, gnorms=gnorms, params=snapshots, constraints=constraints,
+                     constraints_without_rules=bare,
                      q_spec=str(q.sharding.spec), q_shard=list(q.addressable_shards[0].data.shape))
   a, b = out['sharded'], out['single']
   def max_err(x, y):
@@ -78,7 +85,8 @@ def equivalence(args):
       grad_norm_rel_err=max(abs(x - y) / y for x, y in zip(a['gnorms'], b['gnorms'])),
       param_err_step1=max_err(a['params'][0], b['params'][0]),
       param_err_step3=max_err(a['params'][2], b['params'][2]),
-      q_spec=a['q_spec'], q_shard=a['q_shard'], q_shard_single=b['q_shard'])))
+      q_spec=a['q_spec'], q_shard=a['q_shard'], q_shard_single=b['q_shard'],
+      constraints=a['constraints'], constraints_without_rules=a['constraints_without_rules'])))
 
 
 def stages(args):

@@ -93,6 +93,16 @@ def _gate(y, gate, num_frames):
   return y.reshape(b, t, d)
 
 
+# Activation layouts in logical names. Training maps them to mesh axes (`logical_axis_rules`,
+# training/sharding.activation_sharding); elsewhere they are no-ops. Under FSDP an example's
+# activations stay whole on its devices and the examples are split ('batch'); heads and FFN
+# columns follow their tensor-parallel weights. The width is None, not 'embed': the weights'
+# 'embed' is FSDP-split over the same mesh axis as the batch.
+ACT_RESIDUAL = ('batch', None, None)           # [B, tokens, dim]
+ACT_HEADS = ('batch', None, 'heads', None)     # q / k / v [B, tokens, heads, head_dim]
+ACT_MLP = ('batch', None, 'mlp')               # FFN hidden [B, tokens, ffn_dim]
+
+
 class SelfAttention(nn.Module):
   cfg: Any
 
@@ -109,6 +119,7 @@ class SelfAttention(nn.Module):
     q = rope_lib.apply_rope(q.reshape(b, t, heads, hd), angles).astype(dt)
     k = rope_lib.apply_rope(k.reshape(b, t, heads, hd), angles).astype(dt)
     v = v.reshape(b, t, heads, hd).astype(dt)
+    q, k, v = (nn.with_logical_constraint(a, ACT_HEADS) for a in (q, k, v))
     new_kv = (k, v)
     if prefix_kv:
       out = attn_lib.prefix_attention(
@@ -184,6 +195,7 @@ class WanBlock(nn.Module):
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     e0, num_frames = inputs.e0, inputs.e0.shape[1]
+    x = nn.with_logical_constraint(x, ACT_RESIDUAL)
     mod = self.param('modulation', _modulation_init(('norm', None, 'embed')),
                      (1, 6, cfg.dim), jnp.float32)
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod[None] + e0, 6, axis=2)
@@ -203,6 +215,7 @@ class WanBlock(nn.Module):
 
     h = _modulate(_layer_norm(cfg.eps, False, 'norm2')(x), c_shift, c_scale, num_frames)
     y = Dense(cfg.ffn_dim, ('embed', 'mlp'), dt, name='ffn_0')(h.astype(dt))
+    y = nn.with_logical_constraint(y, ACT_MLP)
     y = Dense(cfg.dim, ('mlp', 'embed'), dt, name='ffn_2')(nn.gelu(y, approximate=True))
     x = x + _gate(y, c_gate, num_frames)
     return x, (kv if self.return_kv else None)

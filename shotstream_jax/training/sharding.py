@@ -13,6 +13,7 @@ the config maps them to mesh axes, so re-sharding is a config change. The mesh i
 the entry point, before anything here runs.
 """
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -102,6 +103,16 @@ def dit_boxed_shapes(model_cfg):
   variables = jax.eval_shape(lambda k: model.init(k, lat, jnp.zeros((1, 1)), ctx),
                              jax.random.key(0))
   return variables['params']
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """The context a training step is traced in: the ambient mesh (kernels XLA cannot partition
+  read it: models/attention.py) and the logical rules, which turn the model's activation
+  layouts (`dit.ACT_*`, `nn.with_logical_constraint`; no-ops outside this context) into
+  sharding constraints."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -338,13 +338,12 @@ def train(config, workdir: str, *, stage=None,
   stage = stage or get_stage(config, workdir)
   local_batch = _local_batch(config, mesh)
   tx, decays, step_fn = stage_step(config, stage)
-  shapes, shardings = state_shardings(stage, tx, mesh, sharding_lib.logical_rules(config),
-                                      tuple(decays))
+  rules = sharding_lib.logical_rules(config)
+  shapes, shardings = state_shardings(stage, tx, mesh, rules, tuple(decays))
   # Every exit, errors included, closes the checkpointer: an open async orbax manager keeps
   # the interpreter from exiting (a hang instead of an error).
   with contextlib.ExitStack() as cleanup:
-    # The ambient mesh: kernels XLA cannot partition (models/attention.py: splash) read it.
-    cleanup.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    cleanup.enter_context(sharding_lib.activation_sharding(mesh, rules))
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          keep=tc.keep_checkpoints, interval=tc.checkpoint_every)
     cleanup.callback(checkpointer.close)
