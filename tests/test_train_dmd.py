@@ -41,9 +41,9 @@ def _config(module, data_dir, **overrides):
 def _train(config, workdir):
   """Runs `config`; returns (initial params, [(params, opt_state, metrics)] per step) on host."""
   stage = dmd_stage.DmdStage(config, workdir)
-  load = stage._load_dit
+  load = stage.dit_params
   # Wan's init zeroes some layers (the DiT outputs 0): perturb it, the same for every network.
-  stage._load_dit = lambda *a, **k: _perturbed(load(*a, **k))
+  stage.dit_params = lambda *a, **k: _perturbed(load(*a, **k))
   tx = stage.optimizer()
   mesh = sharding_lib.make_mesh(config.mesh)
   _, shardings = train_loop.state_shardings(stage, tx, mesh, sharding_lib.logical_rules(config))
@@ -118,8 +118,8 @@ def test_generator_gradient_shot_by_shot_equals_the_joint_loss(data_dir, tmp_pat
   num_shots = 3
   config = _config(dmd_inter, data_dir, **{'dmd.num_shots': num_shots})
   stage = dmd_stage.DmdStage(config, str(tmp_path))
-  load = stage._load_dit
-  stage._load_dit = lambda *a, **k: _perturbed(load(*a, **k))
+  load = stage.dit_params
+  stage.dit_params = lambda *a, **k: _perturbed(load(*a, **k))
   mesh = sharding_lib.make_mesh(config.mesh)
   _, shardings = train_loop.state_shardings(stage, stage.optimizer(), mesh,
                                             sharding_lib.logical_rules(config))

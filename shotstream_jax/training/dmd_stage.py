@@ -44,7 +44,6 @@ import optax
 
 from shotstream_jax import loading
 from shotstream_jax.convert import dit as dit_convert
-from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
 from shotstream_jax.models import random_init
 from shotstream_jax.models import vae as vae_lib
@@ -169,7 +168,6 @@ class DmdStage(stage_lib.PrecomputedStage):
         min_timestep=float(d.min_timestep), max_timestep=float(d.max_timestep),
         real_guidance=float(d.real_guidance))
     self.train_dir, self.heldout_dir = inputs_lib.prepare(config.data, config, workdir)
-    self._random_init = None
     self.uncond_text = jnp.asarray(inputs_lib.negative_text(
         d.negative, self.train_dir, m.text_len, m.text_dim, 'dmd.negative'))[None]   # [1, L, D]
     if self.inter:
@@ -202,7 +200,7 @@ class DmdStage(stage_lib.PrecomputedStage):
               'critic': (d.critic_init, 'critic', 'dmd.critic_init') if d.critic_init else teacher,
               'generator': ((d.generator_init, 'generator', 'dmd.generator_init')
                             if d.generator_init else teacher)}
-    out = {n: self._load_dit(*source[n], key=k_dit, sharding=shardings[n]) for n in source}
+    out = {n: self.dit_params(*source[n], k_dit, shardings[n]) for n in source}
     if self.lora:
       for net, k in zip(self.roles, (k_gen, k_critic)):
         init = jax.jit(lambda p, k: lora_lib.init_lora(p, self.lora, k),
@@ -211,16 +209,6 @@ class DmdStage(stage_lib.PrecomputedStage):
     if self.inter:
       out['vae'] = jax.device_put(self._vae_params(), shardings['vae'])
     return out
-
-  def _load_dit(self, path, network, field, *, key, sharding):
-    """params[network] of a workdir of ours, an orbax dir or a Wan file; '' = random init."""
-    if not path:    # one compiled init for all networks (their shardings are the same)
-      if self._random_init is None:
-        self._random_init = jax.jit(lambda k: dit.init_params(self.config.model, k),
-                                    out_shardings=sharding)
-      return self._random_init(key)
-    return loading.load_network_params(path, network, self.config.model, sharding=sharding,
-                                       field=field)
 
   def _vae_params(self):
     """The VAE that encoded the data: StoryWorld's random weights (`seed`, as

@@ -144,12 +144,8 @@ class OdeInitStage(stage_lib.PrecomputedStage):
   def init_params(self, key, shardings):
     """Generator from `ode.init_from` (or random); teacher from `ode.teacher_from` (or a copy)."""
     oc, model_cfg = self.config.ode, self.config.model
-    if oc.init_from:
-      gen = loading.load_network_params(oc.init_from, oc.init_network, model_cfg,
-                                        sharding=shardings[GENERATOR], field='ode.init_from')
-    else:
-      gen = jax.jit(lambda k: dit.init_params(model_cfg, k),
-                    out_shardings=shardings[GENERATOR])(key)
+    gen = self.dit_params(oc.init_from, oc.init_network, 'ode.init_from', key,
+                          shardings[GENERATOR])
     if oc.teacher_from:
       teacher = loading.load_network_params(oc.teacher_from, TEACHER, model_cfg,
                                             sharding=shardings[TEACHER],

@@ -21,6 +21,8 @@ import flax
 import jax
 import optax
 
+from shotstream_jax import loading
+from shotstream_jax.models import dit
 from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import optim as optim_lib
 
@@ -117,14 +119,31 @@ class PrecomputedStage(Stage):
   train_example: Optional[Callable] = None
   eval_limit: Optional[int] = None
 
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    self._random_dit = {}   # layout -> jitted random init (dit_params)
+
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
     return inputs_lib.train_iterator(self.config, self.train_dir,
-                                   self.train_example or self.example, shard_index,
-                                   shard_count, batch_size)
+                                     self.train_example or self.example, shard_index,
+                                     shard_count, batch_size)
 
   def eval_batches(self, batch_size: int):
     """Held-out batches, a fixed list (the same examples every evaluation)."""
     if self.eval_limit is None:
       return []
     return inputs_lib.heldout_batches(self.config, self.heldout_dir, self.example, batch_size,
-                                    self.eval_limit)
+                                      self.eval_limit)
+
+  def dit_params(self, path: str, network: str, field: str, key, sharding):
+    """A DiT laid out by `sharding`: `network` read from `path` (any source loading.py
+    reads), or Wan's random init from `key` when `path` is '' (compiled once per layout, so
+    the networks of a stage share one compile)."""
+    if path:
+      return loading.load_network_params(path, network, self.config.model, sharding=sharding,
+                                         field=field)
+    layout = tuple(jax.tree.leaves(sharding))
+    if layout not in self._random_dit:
+      self._random_dit[layout] = jax.jit(lambda k: dit.init_params(self.config.model, k),
+                                         out_shardings=sharding)
+    return self._random_dit[layout](key)

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from shotstream_jax import context as context_lib
-from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import schedule
 from shotstream_jax.training import inputs as inputs_lib
@@ -221,14 +220,8 @@ class TeacherStage(stage_lib.PrecomputedStage):
 
   def init_params(self, key, shardings):
     """Random init (Wan's initializers) or `teacher.init_from` (any format of loading.py)."""
-    path = self.config.teacher.init_from
-    if not path:
-      init = jax.jit(lambda k: dit.init_params(self.config.model, k),
-                     out_shardings=shardings['teacher'])
-      return {'teacher': init(key)}
-    return {'teacher': loading.load_network_params(
-        path, 'teacher', self.config.model, sharding=shardings['teacher'],
-        field='teacher.init_from')}
+    return {'teacher': self.dit_params(self.config.teacher.init_from, 'teacher',
+                                       'teacher.init_from', key, shardings['teacher'])}
 
   def loss(self, params, batch, key):
     tc = self.config.teacher
