@@ -246,6 +246,16 @@ def _load_network(path: str, network: str, want, read_file, field: str):
   return params
 
 
+def load_dit(path: str, config, field: str = '--ckpt'):
+  """The generation DiT (`config`: configs/shotstream.py) from a Wan / ShotStream / diffusers
+  file, our orbax params directory, or a training workdir / checkpoint step of ours (its
+  'generator' network, refused when trained at other sizes)."""
+  if not path:
+    raise ValueError(f'{field}: a checkpoint path is required')
+  check_run_config(path, config, field)
+  return load_network_params(path, 'generator', config.model, field=field)
+
+
 def load_vae(path: str, vae_cfg, field: str = '--vae'):
   """VAE params: a Wan `.pth` / `.safetensors` file, an orbax params dir, or a stage-0 run."""
   return _load_network(path, 'vae', vae_lib.param_shapes(vae_cfg),

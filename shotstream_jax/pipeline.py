@@ -97,15 +97,6 @@ class ShotStats:
   chunk_s: Sequence[float] = ()  # per chunk: denoise + cache pass (no decode)
 
 
-def load_dit_params(config, path: str):
-  """DiT params for generation from a Wan / ShotStream / diffusers file, our orbax params
-  directory, or a training workdir / checkpoint step of ours (its 'generator' network)."""
-  if not path:
-    raise ValueError('--ckpt: a checkpoint path is required')
-  loading.check_run_config(path, config)
-  return loading.load_network_params(path, 'generator', config.model, field='--ckpt')
-
-
 class ShotStreamPipeline:
   """DiT, VAE and text-encoder params plus the jitted pieces of streaming generation."""
 
@@ -174,7 +165,7 @@ class ShotStreamPipeline:
   def with_embedded_encoders(cls, config, dit_path: str, seed: int = 0):
     """A trained DiT with the embedded (random, `seed`) VAE and text encoder: how a `tiny`
     student trained on StoryWorld (encoded by those same draws) is meant to be run."""
-    return cls(config, load_dit_params(config, dit_path),
+    return cls(config, loading.load_dit(dit_path, config),
                random_init.embedded_vae(config.vae, seed),
                loading.embedded_prompt_encoder(config, seed))
 
@@ -183,7 +174,7 @@ class ShotStreamPipeline:
     """Weights from published files (.safetensors / .pt / .pth) or our orbax directories;
     the DiT also from a training workdir of ours (its 'generator'). shotstream_jax/loading.py
     reads them all."""
-    dit_params = load_dit_params(config, dit_path)
+    dit_params = loading.load_dit(dit_path, config)
     vae_params = loading.load_vae(vae_path, config.vae, '--vae')
     text_params = loading.load_text(text_path, config.text, '--text_encoder')
     tokenizer = tokenizer_lib.UMT5Tokenizer(tokenizer_path, config.text.text_len)

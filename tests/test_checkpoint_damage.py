@@ -153,7 +153,6 @@ def test_save_to_bad_path_fails_promptly(tmp_path, dst):
 def test_nonfinite_weights_refused_for_generation(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from configs import shotstream  # pylint: disable=g-import-not-at-top
-  from shotstream_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from shotstream_jax.models import random_init  # pylint: disable=g-import-not-at-top
   cfg = shotstream.get_config('tiny')
   params = jax.tree.map(np.asarray, random_init.embedded_dit(cfg.model, 0))
@@ -162,4 +161,4 @@ def test_nonfinite_weights_refused_for_generation(tmp_path):
     ckptr.save(str(tmp_path / 'nan_dit'), args=ocp.args.StandardSave(params))
   with pytest.raises(ValueError,
                      match=r"--ckpt: .*non-finite params \(NaN/Inf at \['head'\]\['head'\]"):
-    pipeline_lib.load_dit_params(cfg, str(tmp_path / 'nan_dit'))
+    loading.load_dit(str(tmp_path / 'nan_dit'), cfg)
