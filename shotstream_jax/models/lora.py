@@ -62,30 +62,17 @@ def scale(cfg) -> float:
   return cfg.alpha / cfg.rank
 
 
-def _flat(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def _nest(flat: Mapping[Tuple[str, ...], Any]) -> dict:
   out: dict = {}
   for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
+    common.set_in(out, path, v)
   return out
 
 
 def target_paths(params, cfg) -> Tuple[Tuple[str, ...], ...]:
   """Paths (without 'kernel') of the Dense layers `cfg.targets` selects, sorted."""
   cfg = as_config(cfg)
-  dense = sorted(p[:-1] for p, v in _flat(params).items() if p[-1] == 'kernel' and v.ndim >= 2)
+  dense = sorted(p[:-1] for p, v in common.flatten(params).items() if p[-1] == 'kernel' and v.ndim >= 2)
   chosen = tuple(p for p in dense if re.fullmatch(cfg.targets, '/'.join(p)))
   if not chosen:
     names = ', '.join('/'.join(p) for p in dense[:12])
@@ -97,7 +84,7 @@ def target_paths(params, cfg) -> Tuple[Tuple[str, ...], ...]:
 def init_lora(params, cfg, key) -> dict:
   """A fresh adapter for `params`: lora_a ~ U(+-1/sqrt(in)) [..., in, r], lora_b = 0 [..., r, out]."""
   cfg = as_config(cfg)
-  flat = _flat(params)
+  flat = common.flatten(params)
   paths = target_paths(params, cfg)
   out = {}
   for path, k in zip(paths, jax.random.split(key, len(paths))):
@@ -118,7 +105,7 @@ def delta(lora_a, lora_b, s):
 def merge(params, lora, cfg) -> dict:
   """params with every adapted kernel replaced by kernel + (alpha / r) * lora_a @ lora_b."""
   s = scale(cfg)
-  flat = dict(_flat(params))
+  flat = dict(common.flatten(params))
   for path, ab in _adapters(lora).items():
     key = path + ('kernel',)
     if key not in flat:
@@ -133,7 +120,7 @@ def merge(params, lora, cfg) -> dict:
 
 
 def _adapters(lora) -> Dict[Tuple[str, ...], dict]:
-  flat = _flat(lora)
+  flat = common.flatten(lora)
   out: Dict[Tuple[str, ...], dict] = {}
   for path, v in flat.items():
     if path[-1] not in ('lora_a', 'lora_b'):
@@ -186,7 +173,7 @@ def from_peft(state_dict: Mapping[str, Any], params, cfg) -> dict:
   """An adapter pytree from a PEFT state dict (torch tensors or arrays) for the targets of
   `cfg` in `params`. Raises ValueError naming missing / unexpected keys or wrong shapes."""
   cfg = as_config(cfg)
-  flat = _flat(params)
+  flat = common.flatten(params)
   expected, where = {}, {}
   for path in target_paths(params, cfg):
     kernel = flat[path + ('kernel',)]
