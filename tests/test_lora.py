@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from configs import shotstream
+from shotstream_jax.convert import common
 from shotstream_jax.convert import dit as dit_convert
 from shotstream_jax.models import dit
 from shotstream_jax.models import lora as lora_lib
@@ -133,7 +134,7 @@ def test_training_only_lora_changes_only_lora():
   assert float(loss(new, params)) < float(loss(lora, params))
   jax.tree.map(np.testing.assert_array_equal, params, base_before)   # base untouched
   merged = lora_lib.merge(params, new, CFG)
-  flat_m, flat_p = lora_lib._flat(merged), lora_lib._flat(params)  # pylint: disable=protected-access
+  flat_m, flat_p = common.flatten(merged), common.flatten(params)
   targets = {p + ('kernel',) for p in lora_lib.target_paths(params, CFG)}
   for path, value in flat_p.items():
     if path in targets:
