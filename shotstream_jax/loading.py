@@ -46,7 +46,7 @@ def _from_newest_step(ckpt_dir: str, load):
                              options=ocp.CheckpointManagerOptions(create=False)) as manager:
     steps = list(manager.all_steps())
   found = checkpoints.newest_loadable(ckpt_dir, steps,
-                                   lambda step: load(os.path.join(ckpt_dir, str(step))))
+                                      lambda step: load(os.path.join(ckpt_dir, str(step))))
   if found is None:
     raise FileNotFoundError(f'init: no complete checkpoint in {ckpt_dir}')
   return found[1]

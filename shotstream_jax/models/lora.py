@@ -72,7 +72,8 @@ def _nest(flat: Mapping[Tuple[str, ...], Any]) -> dict:
 def target_paths(params, cfg) -> Tuple[Tuple[str, ...], ...]:
   """Paths (without 'kernel') of the Dense layers `cfg.targets` selects, sorted."""
   cfg = as_config(cfg)
-  dense = sorted(p[:-1] for p, v in common.flatten(params).items() if p[-1] == 'kernel' and v.ndim >= 2)
+  dense = sorted(p[:-1] for p, v in common.flatten(params).items()
+                 if p[-1] == 'kernel' and v.ndim >= 2)
   chosen = tuple(p for p in dense if re.fullmatch(cfg.targets, '/'.join(p)))
   if not chosen:
     names = ', '.join('/'.join(p) for p in dense[:12])

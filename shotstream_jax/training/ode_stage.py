@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shotstream_jax import loading
 from shotstream_jax.models import dit
 from shotstream_jax.sampling import teacher as teacher_lib
 from shotstream_jax.training import inputs as inputs_lib
@@ -125,7 +124,7 @@ class OdeInitStage(stage_lib.PrecomputedStage):
     self.model = dit.WanDiT(config.model)
     self.train_dir, self.heldout_dir = inputs_lib.prepare(config.data, config, workdir)
     negative = inputs_lib.negative_text(oc.negative, self.train_dir, config.model.text_len,
-                                      config.model.text_dim, 'ode.negative')
+                                        config.model.text_dim, 'ode.negative')
     self.eval_limit = oc.eval_batches   # the eval key fixes the teacher's noise
     self.example = functools.partial(
         make_example, negative=negative, context_frames=config.model.context_frames,
@@ -143,13 +142,12 @@ class OdeInitStage(stage_lib.PrecomputedStage):
 
   def init_params(self, key, shardings):
     """Generator from `ode.init_from` (or random); teacher from `ode.teacher_from` (or a copy)."""
-    oc, model_cfg = self.config.ode, self.config.model
+    oc = self.config.ode
     gen = self.dit_params(oc.init_from, oc.init_network, 'ode.init_from', key,
                           shardings[GENERATOR])
     if oc.teacher_from:
-      teacher = loading.load_network_params(oc.teacher_from, TEACHER, model_cfg,
-                                            sharding=shardings[TEACHER],
-                                            field='ode.teacher_from')
+      teacher = self.dit_params(oc.teacher_from, TEACHER, 'ode.teacher_from', key,
+                                shardings[TEACHER])
     else:   # own buffers: the train state is donated
       teacher = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                         out_shardings=shardings[TEACHER])(gen)

@@ -274,9 +274,9 @@ class VaeStage(stage_lib.Stage):
   def train_iterator(self, shard_index: int, shard_count: int, batch_size: int):
     d = self.config.data
     return inputs_lib.make_iterator(self.sources['train'], self._example, batch_size=batch_size,
-                                  seed=d.seed, shuffle=d.shuffle, shard_index=shard_index,
-                                  shard_count=shard_count, read_threads=d.read_threads,
-                                  prefetch=d.prefetch)
+                                    seed=d.seed, shuffle=d.shuffle, shard_index=shard_index,
+                                    shard_count=shard_count, read_threads=d.read_threads,
+                                    prefetch=d.prefetch)
 
   def eval_batches(self, batch_size: int):
     batches = list(inputs_lib.make_iterator(
@@ -346,7 +346,7 @@ def export_vae(config, workdir: str, out_path: str, num_clips: int = 256) -> Dic
   params = loading.restore_networks(workdir, [VAE])[VAE]
   vae = vae_lib.WanVAE(config.vae)
   sources, _ = inputs_lib.storyworld_sources(config.data.storyworld,
-                                           inputs_lib.data_root(config.data, workdir))
+                                             inputs_lib.data_root(config.data, workdir))
   example = functools.partial(shot_example, frames_per_shot=config.data.storyworld.frames_per_shot,
                               clip_frames=1)
   rng = np.random.default_rng(0)
