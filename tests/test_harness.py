@@ -3,6 +3,7 @@ identity curve, speed, and the report files; the rows that must be near 1 are.""
 
 import json
 import os
+import types
 
 import numpy as np
 from PIL import Image
@@ -45,6 +46,13 @@ def test_harness_end_to_end(tmp_path):
   assert rows['ground truth']['overall'] > 0.95 and rows['ground truth']['found'] == 1.0
   for name in want[1:]:   # random networks show no StoryWorld scene
     assert rows[name]['identity'] < 0.2 and rows[name]['found'] < 0.2, name
+  effects = result['ablation_effects']   # paired: their means are the rows' differences
+  assert list(effects) == ablations
+  for a in ablations:
+    for k in harness.KEYS:
+      np.testing.assert_allclose(effects[a][k]['mean'],
+                                 rows[f'ablation: {a}'][k] - rows['stage 4 student'][k],
+                                 atol=2e-4, err_msg=f'{a} {k}')
   assert set(result['identity_vs_first_shot']) == set(harness.STUDENTS[1:])
   assert all(len(v) == 2 for v in result['identity_vs_first_shot'].values())
   long = result['long_identity']   # one long story: means, no standard error
@@ -62,6 +70,7 @@ def test_harness_end_to_end(tmp_path):
   assert saved['rows'] == rows and 'sheet' not in saved
   text = open(paths['md']).read()
   assert '| ground truth |' in text and 'k=3' in text and 'FPS' in text
+  assert '| global cache off | ' in text and 'paired story by story' in text
   sheet = np.asarray(Image.open(paths['png']))
   # 2 stories x 6 rows of 32x32 frames (x3, 1-pixel borders), 3 frames per shot.
   assert sheet.shape[0] >= 2 * 6 * 34 * 3 and sheet.shape[2] == 3
@@ -74,3 +83,15 @@ def test_long_identity_summary():
   # differences 0.1, 0, 0.2: mean 0.1, sample std 0.1
   assert got['stage 4 - stage 3'] == {'mean': 0.1, 'se': round(0.1 / np.sqrt(3), 4)}
   assert 'stage 4 - stage 3' not in harness.long_identity_summary({harness.STUDENTS[1]: s3})
+
+
+def test_paired_differences():
+  """Each key's mean and standard error of the story-by-story differences."""
+  story = lambda **kw: types.SimpleNamespace(**{k: kw.get(k, 0.5) for k in harness.KEYS})
+  ablated = [story(identity=0.3), story(identity=0.5), story(identity=0.9)]
+  base = [story(identity=0.2), story(identity=0.5), story(identity=0.7)]
+  got = harness.paired_differences(ablated, base)
+  # differences 0.1, 0, 0.2: mean 0.1, sample std 0.1 (the rows' spread, 0.3 and 0.25, is gone)
+  assert got['identity'] == {'mean': 0.1, 'se': round(0.1 / np.sqrt(3), 4)}
+  assert got['overall'] == {'mean': 0.0, 'se': 0.0}
+  assert set(got) == set(harness.KEYS)

@@ -10,8 +10,9 @@ Rows (each the mean judge scores over the same held-out stories, one seed per st
   + CFG over [context | target], shot by shot on its own earlier shots); the stage-2, -3 and -4
   students (the 4-step streaming pipeline); ablations of the stage-4 student at inference
   (global cache off, RoPE shot phase, a position gap, context budget, a local window shorter
-  than a shot). Error accumulation: identity of shot k against shot 1 on longer stories, stage 3
-  vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame latency).
+  than a shot), each also as its difference from the stage-4 student paired story by story,
+  with a standard error. Error accumulation: identity of shot k against shot 1 on longer
+  stories, stage 3 vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame latency).
 """
 
 import copy
@@ -170,11 +171,12 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
   fps = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
   stories = held_out_stories(num_stories, seed)
   encoder = _encoder(models)
-  rows, sheet, started = {}, {}, time.time()
+  rows, sheet, started, judged = {}, {}, time.time(), {}
 
   def add(name, videos):
     scores = [_judge(v, st) for v, st in zip(videos, stories)]
     rows[name] = _means(scores)
+    judged[name] = scores
     sheet[name] = [v for v in videos[:sheet_stories]]
     log(f'harness: {name}: ' + ', '.join(f'{k} {v:.3f}' for k, v in rows[name].items()))
 
@@ -198,10 +200,12 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
       add(name, _generate_all(pipe(models.generators[name]), stories, seed, progress, name))
 
   final = models.generators.get(STUDENTS[-1])
+  effects = {}
   if final is not None:
     for name in ablations or []:
       add(f'ablation: {name}', _generate_all(pipe(final, _with(config, ABLATIONS[name])),
                                              stories, seed, progress, name))
+      effects[name] = paired_differences(judged[f'ablation: {name}'], judged[STUDENTS[-1]])
 
   accumulation, per_story = {}, {}
   if long_stories:
@@ -218,7 +222,7 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
             + ' '.join(f'{x:.2f}' for x in per_k))
 
   timing = measure_speed(pipe(final)) if final is not None and speed else {}
-  return {'num_stories': num_stories, 'seed': seed, 'rows': rows,
+  return {'num_stories': num_stories, 'seed': seed, 'rows': rows, 'ablation_effects': effects,
           'identity_vs_first_shot': accumulation,
           'long_identity': long_identity_summary(per_story), 'long_shots': long_shots,
           'long_stories': long_stories if accumulation else 0, 'speed': timing,
@@ -226,19 +230,31 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
           'sheet': sheet, 'sheet_captions': [st.as_json() for st in stories[:sheet_stories]]}
 
 
+def mean_se(x) -> dict:
+  """{'mean', 'se'}: the mean of `x` and its standard error (None for a single value)."""
+  x = np.asarray(x, np.float64)
+  se = round(float(x.std(ddof=1) / np.sqrt(len(x))), 4) if len(x) > 1 else None
+  return {'mean': round(float(x.mean()), 4), 'se': se}
+
+
 def long_identity_summary(per_story: Dict[str, np.ndarray]) -> dict:
   """Mean identity over k = 2..S of each model's long stories, with its standard error over
   stories, and stage 4 - stage 3 paired story by story (the same stories and seeds), so the
   question "does stage 4 hold a story at least as well as stage 3" gets an error bar: a story's
   identity varies far more between stories than between models (README, eleventh attempt)."""
-  def mean_se(x):
-    x = np.asarray(x, np.float64)
-    se = round(float(x.std(ddof=1) / np.sqrt(len(x))), 4) if len(x) > 1 else None
-    return {'mean': round(float(x.mean()), 4), 'se': se}
   out = {name: mean_se(v) for name, v in per_story.items()}
   if all(name in per_story for name in STUDENTS[1:]):
     out['stage 4 - stage 3'] = mean_se(per_story[STUDENTS[2]] - per_story[STUDENTS[1]])
   return out
+
+
+def paired_differences(scores: List[judge.Scores], base: List[judge.Scores]) -> dict:
+  """{key: mean_se(scores - base)} over stories, for the KEYS: an ablation against the model
+  it ablates, on the same stories and seeds. Story to story the judge's scores vary far more
+  than an ablation moves them, so the difference of the rows' means alone cannot say whether
+  an effect of a few hundredths is there; pairing removes the stories' own variance."""
+  return {k: mean_se([getattr(a, k) - getattr(b, k) for a, b in zip(scores, base)])
+          for k in KEYS}
 
 
 def measure_speed(pipe, shots: int = 3, repeats: int = 3) -> dict:
@@ -272,12 +288,25 @@ def _device() -> str:
 # ----------------------------------------------------------------------------- report
 
 
+def _pm(v: dict, fmt: str = '.3f') -> str:
+  """A `mean_se` dict as 'mean +- se' ('n/a' for the error of a single value)."""
+  return f'{v["mean"]:{fmt}} +- ' + ('n/a' if v['se'] is None else f'{v["se"]:.3f}')
+
+
 def markdown(result: dict) -> str:
   lines = [f'StoryWorld judge, {result["num_stories"]} held-out stories (seed {result["seed"]}), '
            f'means; {result["device"]}', '',
            '| video | ' + ' | '.join(KEYS) + ' |', '|---|' + '---|' * len(KEYS)]
   for name, row in result['rows'].items():
     lines.append(f'| {name} | ' + ' | '.join(f'{row[k]:.3f}' for k in KEYS) + ' |')
+  effects = result.get('ablation_effects') or {}
+  if effects:
+    keys = ('identity', 'adherence', 'overall', 'found')
+    lines += ['', 'Ablation minus the stage-4 student, paired story by story (mean +- standard '
+              'error over stories):', '', '| ablation | ' + ' | '.join(keys) + ' |',
+              '|---|' + '---|' * len(keys)]
+    for name, d in effects.items():
+      lines.append(f'| {name} | ' + ' | '.join(_pm(d[k], '+.3f') for k in keys) + ' |')
   acc = result.get('identity_vs_first_shot') or {}
   if acc:
     n = result['long_shots']
@@ -289,8 +318,7 @@ def markdown(result: dict) -> str:
     means = result.get('long_identity') or {}
     if means:
       lines += ['', f'Mean over k = 2..{n} +- standard error over stories: ' + '; '.join(
-          f'{name} {v["mean"]:.3f} +- ' + ('n/a' if v['se'] is None else f'{v["se"]:.3f}')
-          for name, v in means.items())
+          f'{name} {_pm(v)}' for name, v in means.items())
           + ' (the difference paired story by story).']
   sp = result.get('speed') or {}
   if sp:
