@@ -12,7 +12,8 @@ Rows (each the mean judge scores over the same held-out stories, one seed per st
   (global cache off, RoPE shot phase, a position gap, context budget, a local window shorter
   than a shot), each also as its difference from the stage-4 student paired story by story,
   with a standard error. Error accumulation: identity of shot k against shot 1 on longer
-  stories, stage 3 vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame latency).
+  stories, stage 3 vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame
+  latency).
 """
 
 import copy
