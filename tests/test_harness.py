@@ -1,16 +1,20 @@
 """The StoryWorld harness end to end at a tiny size (random networks): every row, the long-story
 identity curve, speed, and the report files; the rows that must be near 1 are."""
 
+import dataclasses
 import json
 import os
 import types
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from configs import shotstream
 from shotstream_jax.data import prompts
+from shotstream_jax.data import storyworld as sw
 from shotstream_jax.eval import harness
+from shotstream_jax.eval import judge
 from shotstream_jax.models import random_init
 from shotstream_jax.models import tokenizer
 
@@ -71,6 +75,13 @@ def test_harness_end_to_end(tmp_path):
   text = open(paths['md']).read()
   assert '| ground truth |' in text and 'k=3' in text and 'FPS' in text
   assert '| global cache off | ' in text and 'paired story by story' in text
+  assert 'found by chunk' in text
+  assert list(result['diagnosis']) == want   # every row; random networks miss every shot
+  for name in want[1:]:
+    d = result['diagnosis'][name]
+    assert sum(d['not_found'].values()) == pytest.approx(1 - rows[name]['found'], abs=1e-3)
+  assert len(result['diagnosis']['ablation: shots of 3 chunks, local window 1 chunk'][
+      'found_by_chunk']) == 3
   sheet = np.asarray(Image.open(paths['png']))
   # 2 stories x 6 rows of 32x32 frames (x3, 1-pixel borders), 3 frames per shot.
   assert sheet.shape[0] >= 2 * 6 * 34 * 3 and sheet.shape[2] == 3
@@ -95,3 +106,35 @@ def test_paired_differences():
   assert got['identity'] == {'mean': 0.1, 'se': round(0.1 / np.sqrt(3), 4)}
   assert got['overall'] == {'mean': 0.0, 'se': 0.0}
   assert set(got) == set(harness.KEYS)
+
+
+def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
+  """Ground truth passes everywhere; a shot whose second chunk is grey misses the palette test
+  (and its second chunk alone shows nothing); a shot whose second chunk repaints the setting's
+  first colour is lost as a whole ('setting') although each chunk alone is a scene."""
+  config = shotstream.get_config('storyworld')
+  assert harness.chunk_bounds(config) == [(0, 5), (5, 11)]   # 11 frames: latents 0-2, 3-5
+  stories = harness.held_out_stories(3, seed=1)
+  truth = [harness._render(config, st) for st in stories]
+
+  def check(videos, missed, by_chunk):
+    scores = [harness._judge(v, st) for v, st in zip(videos, stories)]
+    got = harness.diagnose(videos, stories, scores, config)
+    assert got['not_found'] == {k: missed.get(k, 0.0) for k in judge.MISSES}
+    assert got['found_by_chunk'] == by_chunk
+
+  check(truth, {}, [1.0, 1.0])
+  grey = [v.copy() for v in truth]
+  for v in grey:
+    v.reshape(-1, 11, *v.shape[1:])[:, 5:] = 128
+  check(grey, {'palette': 1.0}, [1.0, 0.0])
+  repainted = []
+  for v, st in zip(truth, stories):
+    used = {st.setting.colour, st.setting.pattern_colour, st.protagonist.colour,
+            st.protagonist.texture_colour}
+    other = next(c for c in sw.COLOURS if c not in used)
+    recoloured = dataclasses.replace(st, setting=dataclasses.replace(st.setting, colour=other))
+    v, w = (harness._render(config, s).reshape(-1, 11, 32, 32, 3) for s in (st, recoloured))
+    v[:, 5:] = w[:, 5:]
+    repainted.append(v.reshape(-1, 32, 32, 3))
+  check(repainted, {'setting': 1.0}, [1.0, 1.0])

@@ -11,8 +11,10 @@ Rows (each the mean judge scores over the same held-out stories, one seed per st
   students (the 4-step streaming pipeline); ablations of the stage-4 student at inference
   (global cache off, RoPE shot phase, a position gap, context budget, a local window shorter
   than a shot), each also as its difference from the stage-4 student paired story by story,
-  with a standard error. Error accumulation: identity of shot k against shot 1 on longer
-  stories, stage 3 vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame
+  with a standard error. Per row, why shots show no scene (`diagnose`: the part of the
+  judge's scene test each missed shot fails, and the scene test on each chunk of a shot
+  alone). Error accumulation: identity of shot k against shot 1 on longer stories, stage 3
+  vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame
   latency).
 """
 
@@ -172,12 +174,13 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
   fps = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
   stories = held_out_stories(num_stories, seed)
   encoder = _encoder(models)
-  rows, sheet, started, judged = {}, {}, time.time(), {}
+  rows, sheet, started, judged, diagnosis = {}, {}, time.time(), {}, {}
 
-  def add(name, videos):
+  def add(name, videos, cfg=config):
     scores = [_judge(v, st) for v, st in zip(videos, stories)]
     rows[name] = _means(scores)
     judged[name] = scores
+    diagnosis[name] = diagnose(videos, stories, scores, cfg)
     sheet[name] = [v for v in videos[:sheet_stories]]
     log(f'harness: {name}: ' + ', '.join(f'{k} {v:.3f}' for k, v in rows[name].items()))
 
@@ -204,8 +207,9 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
   effects = {}
   if final is not None:
     for name in ablations or []:
-      add(f'ablation: {name}', _generate_all(pipe(final, _with(config, ABLATIONS[name])),
-                                             stories, seed, progress, name))
+      ablated = _with(config, ABLATIONS[name])
+      add(f'ablation: {name}', _generate_all(pipe(final, ablated), stories, seed, progress,
+                                             name), ablated)
       effects[name] = paired_differences(judged[f'ablation: {name}'], judged[STUDENTS[-1]])
 
   accumulation, per_story = {}, {}
@@ -223,12 +227,41 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
             + ' '.join(f'{x:.2f}' for x in per_k))
 
   timing = measure_speed(pipe(final)) if final is not None and speed else {}
-  return {'num_stories': num_stories, 'seed': seed, 'rows': rows, 'ablation_effects': effects,
+  return {'num_stories': num_stories, 'seed': seed, 'rows': rows, 'diagnosis': diagnosis,
+          'ablation_effects': effects,
           'identity_vs_first_shot': accumulation,
           'long_identity': long_identity_summary(per_story), 'long_shots': long_shots,
           'long_stories': long_stories if accumulation else 0, 'speed': timing,
           'wall_s': round(time.time() - started, 1), 'device': _device(),
           'sheet': sheet, 'sheet_captions': [st.as_json() for st in stories[:sheet_stories]]}
+
+
+def chunk_bounds(config) -> List[tuple]:
+  """[(first, end)) pixel frames of each chunk of a shot: the first latent frame decodes to
+  one frame, every later one to the VAE's temporal factor (vae.pixel_frames)."""
+  k, n = config.model.chunk_frames, config.sampling.shot_latent_frames
+  return [(vae_lib.pixel_frames(config.vae, c * k) if c else 0,
+           vae_lib.pixel_frames(config.vae, (c + 1) * k)) for c in range(n // k)]
+
+
+def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
+  """Why shots fail the judge's scene test (`found`, which gates identity, adherence and
+  smoothness): {'not_found': {judge.MISSES kind: share of all shots}, 'found_by_chunk': [the
+  share of shots whose chunk c, judged alone, shows a scene]}.
+
+  Why: a shot is streamed chunk by chunk, and whether a scene is lost from the start or
+  while the shot goes on (a later chunk repainting the setting's colours) points at different
+  stages; the per-chunk test tells them apart. Shots are equally long (`config`'s)."""
+  shots = [m for s in scores for m in s.shots]
+  missed = {k: round(sum(m.miss == k for m in shots) / len(shots), 4) for k in judge.MISSES}
+  per_shot = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
+  by_chunk = [[] for _ in chunk_bounds(config)]
+  for video, story in zip(videos, stories):
+    for k, caption in enumerate(story.shot_captions()):
+      shot = np.asarray(video[k * per_shot:(k + 1) * per_shot], np.float32)
+      for c, (a, b) in enumerate(chunk_bounds(config)):
+        by_chunk[c].append(judge.measure_shot(shot[a:b], caption).found)
+  return {'not_found': missed, 'found_by_chunk': [round(float(np.mean(f)), 4) for f in by_chunk]}
 
 
 def mean_se(x) -> dict:
@@ -300,6 +333,15 @@ def markdown(result: dict) -> str:
            '| video | ' + ' | '.join(KEYS) + ' |', '|---|' + '---|' * len(KEYS)]
   for name, row in result['rows'].items():
     lines.append(f'| {name} | ' + ' | '.join(f'{row[k]:.3f}' for k in KEYS) + ' |')
+  diagnosis = result.get('diagnosis') or {}
+  if diagnosis:
+    lines += ['', 'Why shots show no scene: the share of all shots missing each part of the '
+              "judge's scene test, and the share of shots whose chunk c, judged alone, shows a "
+              'scene:', '', '| video | ' + ' | '.join(judge.MISSES) + ' | found by chunk |',
+              '|---|' + '---|' * (len(judge.MISSES) + 1)]
+    for name, d in diagnosis.items():
+      lines.append(f'| {name} | ' + ' | '.join(f'{d["not_found"][k]:.3f}' for k in judge.MISSES)
+                   + ' | ' + ' / '.join(f'{v:.3f}' for v in d['found_by_chunk']) + ' |')
   effects = result.get('ablation_effects') or {}
   if effects:
     keys = ('identity', 'adherence', 'overall', 'found')

@@ -51,6 +51,8 @@ _MIN_SHAPE_IOU = 0.6     # silhouette vs its best canonical shape (is the blob a
 _MIN_TEXTURE = 0.08      # share of the blob in a second colour for a texture to count
 _DOT_SPREAD = 0.75       # texture pixels' mean radius / the blob's: below = dot, above = stripes
 ATTRIBUTES = ('shape', 'colours', 'texture', 'bg', 'setting')
+# What a shot that shows no scene lacked, in the order the parse tests it (ShotMeasure.miss).
+MISSES = ('palette', 'setting', 'protagonist', 'blob', 'shape')
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class ShotMeasure:
   motion_ok: bool
   subject_ok: Optional[bool]  # shape, colour, setting as the global caption says (None: none)
   attributes: dict            # ATTRIBUTES -> parsed value (None where not found)
+  miss: str = ''              # the MISSES kind of `why` ('' when found)
 
 
 @dataclasses.dataclass
@@ -208,17 +211,17 @@ def measure_shot(x: np.ndarray, caption: str, subject: Optional[dict] = None) ->
   want_framing, want_motion = sw.parse_shot_caption(caption)
   none = dict.fromkeys(ATTRIBUTES)
 
-  def not_found(why):
+  def not_found(miss, why):
     return ShotMeasure(False, why, None, None, 0.0, 0.0, 0.0, False, False,
-                       False if subject is not None else None, none)
+                       False if subject is not None else None, none, miss)
 
   if valid.mean() < _MIN_VALID:
-    return not_found(f'{valid.mean():.0%} of pixels are palette colours')
+    return not_found('palette', f'{valid.mean():.0%} of pixels are palette colours')
   ring = _border_ring(h, w)
   bg, hist = _setting_colours(x[:, ring], lab[:, ring], valid[:, ring])
   on_blend = _blend_distance(x, *bg) <= _BG_DIST                                  # [T, H, W]
   if min(hist[bg]) < 0.05 or on_blend[:, ring].mean() < _MIN_RING:
-    return not_found('the border does not show a two-colour setting')
+    return not_found('setting', 'the border does not show a two-colour setting')
   # Off the blend of the two setting colours, or a region (not a one-pixel edge blend) of
   # another palette colour: a body colour may lie on that blend line (orange between red and
   # yellow). Then cleaned: see _blob.
@@ -232,17 +235,17 @@ def measure_shot(x: np.ndarray, caption: str, subject: Optional[dict] = None) ->
   body, share = blobs[mid]
   radius = float(np.sqrt(area[mid] / np.pi) / h)
   if area[mid] == 0:
-    return not_found('no protagonist')
+    return not_found('protagonist', 'no protagonist')
   ys, xs = np.nonzero(body)
   offset = max(abs(ys.mean() + 0.5 - h / 2) / h, abs(xs.mean() + 0.5 - w / 2) / w)
   fill = area[mid] / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
   if not (_RADIUS_RANGE[0] <= radius <= _RADIUS_RANGE[1] and share >= _MIN_BLOB and
           offset <= _MAX_OFFSET and fill >= _MIN_FILL):
-    return not_found(f'no protagonist-like blob (radius {radius:.2f}, share {share:.2f}, '
-                     f'offset {offset:.2f}, fill {fill:.2f})')
+    return not_found('blob', f'no protagonist-like blob (radius {radius:.2f}, share '
+                     f'{share:.2f}, offset {offset:.2f}, fill {fill:.2f})')
   best, iou = _silhouette_match(body)
   if iou < _MIN_SHAPE_IOU:
-    return not_found(f'the blob matches no shape (best {best}, IoU {iou:.2f})')
+    return not_found('shape', f'the blob matches no shape (best {best}, IoU {iou:.2f})')
   shape = _classify_shape(body, _blend_distance(x[mid], *bg))
 
   colours, texture = _protagonist_colours(lab[mid], valid[mid], body, set(bg))

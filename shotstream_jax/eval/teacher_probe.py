@@ -13,14 +13,14 @@ On `num` held-out examples (the stage's own example layout: single images for te
     in the JSON): the share that shows a scene (found), whose shape / colour / setting are the
     global caption's (subject), whose shape alone is (shape), whose framing is the shot
     caption's, and (teacher) the attribute agreement with the ground-truth shot, which holds
-    the hidden attributes the context shows (identity); `not_found` counts the judge's reasons.
+    the hidden attributes the context shows (identity); `not_found` counts what the judge
+    missed (`judge.MISSES`).
 Why: a teacher whose samples are not scenes makes every later stage meaningless, and this
 answers that in a minute, before stage 2 starts. `launch/probe_teacher.py` is its command line.
 """
 
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +130,7 @@ def judge_samples(gt, samples, global_captions, shot_captions) -> dict:
     m = judge_lib.measure_shot(x.astype(np.float32), cap, subject)
     truth = judge_lib.measure_shot(g.astype(np.float32), cap, subject)
     if not m.found:
-      why = re.sub(r'[0-9.]+%? ', 'N ', m.why.split(' (')[0])   # '58% of pixels' -> 'N of pixels'
-      reasons[why] = reasons.get(why, 0) + 1
+      reasons[m.miss] = reasons.get(m.miss, 0) + 1
     rows.append({'found': m.found, 'subject': bool(m.subject_ok),
                  'shape': m.found and m.attributes['shape'] == subject['shape'],
                  'framing': m.framing_ok,
