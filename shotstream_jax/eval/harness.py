@@ -255,11 +255,12 @@ def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
   shots = [m for s in scores for m in s.shots]
   missed = {k: round(sum(m.miss == k for m in shots) / len(shots), 4) for k in judge.MISSES}
   per_shot = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
-  by_chunk = [[] for _ in chunk_bounds(config)]
+  bounds = chunk_bounds(config)
+  by_chunk = [[] for _ in bounds]
   for video, story in zip(videos, stories):
     for k, caption in enumerate(story.shot_captions()):
       shot = np.asarray(video[k * per_shot:(k + 1) * per_shot], np.float32)
-      for c, (a, b) in enumerate(chunk_bounds(config)):
+      for c, (a, b) in enumerate(bounds):
         by_chunk[c].append(judge.measure_shot(shot[a:b], caption).found)
   return {'not_found': missed, 'found_by_chunk': [round(float(np.mean(f)), 4) for f in by_chunk]}
 
