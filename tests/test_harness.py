@@ -82,6 +82,9 @@ def test_harness_end_to_end(tmp_path):
     assert sum(d['not_found'].values()) == pytest.approx(1 - rows[name]['found'], abs=1e-3)
   assert len(result['diagnosis']['ablation: shots of 3 chunks, local window 1 chunk'][
       'found_by_chunk']) == 3
+  assert 'found by latent frame' in text
+  assert len(result['diagnosis']['stage 4 student']['found_by_frame']) == \
+      models.config.sampling.shot_latent_frames
   sheet = np.asarray(Image.open(paths['png']))
   # 2 stories x 6 rows of 32x32 frames (x3, 1-pixel borders), 3 frames per shot.
   assert sheet.shape[0] >= 2 * 6 * 34 * 3 and sheet.shape[2] == 3
@@ -114,6 +117,7 @@ def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
   first colour is lost as a whole ('setting') although each chunk alone is a scene."""
   config = shotstream.get_config('storyworld')
   assert harness.chunk_bounds(config) == [(0, 5), (5, 11)]   # 11 frames: latents 0-2, 3-5
+  assert harness.latent_bounds(config) == [(0, 1), (1, 3), (3, 5), (5, 7), (7, 9), (9, 11)]
   stories = harness.held_out_stories(3, seed=1)
   truth = [harness._render(config, st) for st in stories]
 
@@ -122,12 +126,23 @@ def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
     got = harness.diagnose(videos, stories, scores, config)
     assert got['not_found'] == {k: missed.get(k, 0.0) for k in judge.MISSES}
     assert got['found_by_chunk'] == by_chunk
+    cameras = [s.motion.split()[0] for st in stories for s in st.shots]
+    assert set(got['found_by_motion']) == set(cameras)
+    whole = 1.0 - sum(missed.values())   # every shot of a video here fares alike
+    assert all(v == whole for v in got['found_by_motion'].values())
+    weighted = sum(cameras.count(c) * np.asarray(v)   # the split adds up to all shots
+                   for c, v in got['found_by_frame_and_motion'].items()) / len(cameras)
+    np.testing.assert_allclose(weighted, got['found_by_frame'], atol=1e-4)
+    return got['found_by_frame']
 
-  check(truth, {}, [1.0, 1.0])
+  # A latent frame's one or two pixel frames alone: in one of these 9 shots (a field's sparse
+  # dots, zooming in) the first two latent frames' border holds under 5% pattern colour.
+  by_frame = check(truth, {}, [1.0, 1.0])
+  assert min(by_frame) > 0.85 and by_frame[2:] == [1.0] * 4, by_frame
   grey = [v.copy() for v in truth]
   for v in grey:
     v.reshape(-1, 11, *v.shape[1:])[:, 5:] = 128
-  check(grey, {'palette': 1.0}, [1.0, 0.0])
+  assert check(grey, {'palette': 1.0}, [1.0, 0.0]) == by_frame[:3] + [0.0] * 3
   repainted = []
   for v, st in zip(truth, stories):
     used = {st.setting.colour, st.setting.pattern_colour, st.protagonist.colour,
@@ -137,4 +152,4 @@ def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
     v, w = (harness._render(config, s).reshape(-1, 11, 32, 32, 3) for s in (st, recoloured))
     v[:, 5:] = w[:, 5:]
     repainted.append(v.reshape(-1, 32, 32, 3))
-  check(repainted, {'setting': 1.0}, [1.0, 1.0])
+  assert check(repainted, {'setting': 1.0}, [1.0, 1.0]) == by_frame   # each frame a scene

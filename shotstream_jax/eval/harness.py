@@ -12,10 +12,10 @@ Rows (each the mean judge scores over the same held-out stories, one seed per st
   (global cache off, RoPE shot phase, a position gap, context budget, a local window shorter
   than a shot), each also as its difference from the stage-4 student paired story by story,
   with a standard error. Per row, why shots show no scene (`diagnose`: the part of the
-  judge's scene test each missed shot fails, and the scene test on each chunk of a shot
-  alone). Error accumulation: identity of shot k against shot 1 on longer stories, stage 3
-  vs stage 4. Speed: the stage-4 pipeline on this machine (FPS, first-frame
-  latency).
+  judge's scene test each missed shot fails; the scene test on each chunk and on each latent
+  frame of a shot alone; found by the caption's camera motion). Error accumulation: identity
+  of shot k against shot 1 on longer stories, stage 3 vs stage 4. Speed: the stage-4 pipeline
+  on this machine (FPS, first-frame latency).
 """
 
 import copy
@@ -236,33 +236,61 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
           'sheet': sheet, 'sheet_captions': [st.as_json() for st in stories[:sheet_stories]]}
 
 
+def latent_bounds(config, per: int = 1) -> List[tuple]:
+  """[(first, end)) pixel frames of each group of `per` latent frames of a shot: the first
+  latent frame decodes to one frame, every later one to the VAE's temporal factor
+  (vae.pixel_frames)."""
+  n = config.sampling.shot_latent_frames
+  return [(vae_lib.pixel_frames(config.vae, c * per) if c else 0,
+           vae_lib.pixel_frames(config.vae, (c + 1) * per)) for c in range(n // per)]
+
+
 def chunk_bounds(config) -> List[tuple]:
-  """[(first, end)) pixel frames of each chunk of a shot: the first latent frame decodes to
-  one frame, every later one to the VAE's temporal factor (vae.pixel_frames)."""
-  k, n = config.model.chunk_frames, config.sampling.shot_latent_frames
-  return [(vae_lib.pixel_frames(config.vae, c * k) if c else 0,
-           vae_lib.pixel_frames(config.vae, (c + 1) * k)) for c in range(n // k)]
+  """latent_bounds of each chunk (`model.chunk_frames` latent frames) of a shot."""
+  return latent_bounds(config, config.model.chunk_frames)
+
+
+def _camera(motion: str) -> str:
+  """A StoryWorld camera motion without its direction: 'static', 'pan' or 'zoom'."""
+  return motion.split()[0]
+
+
+CAMERAS = tuple(dict.fromkeys(_camera(m) for m in sw.MOTIONS))
 
 
 def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
   """Why shots fail the judge's scene test (`found`, which gates identity, adherence and
-  smoothness): {'not_found': {judge.MISSES kind: share of all shots}, 'found_by_chunk': [the
-  share of shots whose chunk c, judged alone, shows a scene]}.
+  smoothness): {'not_found': {judge.MISSES kind: share of all shots}, 'found_by_chunk' and
+  'found_by_frame': [the share of shots whose chunk c / latent frame c (its pixel frames),
+  judged alone, shows a scene], 'found_by_motion': {camera: share of its shots found},
+  'found_by_frame_and_motion': {camera: found_by_frame of its shots}}.
 
   Why: a shot is streamed chunk by chunk, and whether a scene is lost from the start or
   while the shot goes on (a later chunk repainting the setting's colours) points at different
-  stages; the per-chunk test tells them apart. Shots are equally long (`config`'s)."""
+  stages; the per-chunk test tells them apart, the per-frame test tells a loss at a chunk
+  boundary (the student's caches) from one that grows frame by frame, and the split by the
+  caption's camera motion tells copying a still scene from moving it. Shots are equally long
+  (`config`'s)."""
   shots = [m for s in scores for m in s.shots]
   missed = {k: round(sum(m.miss == k for m in shots) / len(shots), 4) for k in judge.MISSES}
   per_shot = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
-  bounds = chunk_bounds(config)
-  by_chunk = [[] for _ in bounds]
+  parts = {'found_by_chunk': chunk_bounds(config), 'found_by_frame': latent_bounds(config)}
+  found = {key: [] for key in parts}
+  cameras = []
   for video, story in zip(videos, stories):
     for k, caption in enumerate(story.shot_captions()):
       shot = np.asarray(video[k * per_shot:(k + 1) * per_shot], np.float32)
-      for c, (a, b) in enumerate(bounds):
-        by_chunk[c].append(judge.measure_shot(shot[a:b], caption).found)
-  return {'not_found': missed, 'found_by_chunk': [round(float(np.mean(f)), 4) for f in by_chunk]}
+      cameras.append(_camera(story.shots[k].motion))
+      for key, bounds in parts.items():
+        found[key].append([judge.measure_shot(shot[a:b], caption).found for a, b in bounds])
+  share = lambda rows: [round(float(v), 4) for v in np.mean(rows, axis=0)]
+  cameras = np.asarray(cameras)
+  kinds = [c for c in CAMERAS if np.any(cameras == c)]
+  whole = np.asarray([m.found for m in shots], np.float64)
+  by_frame = np.asarray(found['found_by_frame'], np.float64)
+  return dict(not_found=missed, **{key: share(rows) for key, rows in found.items()},
+              found_by_motion={c: round(float(whole[cameras == c].mean()), 4) for c in kinds},
+              found_by_frame_and_motion={c: share(by_frame[cameras == c]) for c in kinds})
 
 
 def mean_se(x) -> dict:
@@ -337,12 +365,17 @@ def markdown(result: dict) -> str:
   diagnosis = result.get('diagnosis') or {}
   if diagnosis:
     lines += ['', 'Why shots show no scene: the share of all shots missing each part of the '
-              "judge's scene test, and the share of shots whose chunk c, judged alone, shows a "
-              'scene:', '', '| video | ' + ' | '.join(judge.MISSES) + ' | found by chunk |',
-              '|---|' + '---|' * (len(judge.MISSES) + 1)]
+              "judge's scene test; the share of shots whose chunk c / latent frame c, judged "
+              'alone, shows a scene; the share of static / panning / zooming shots found:', '',
+              '| video | ' + ' | '.join(judge.MISSES) +
+              ' | found by chunk | found by latent frame | found by motion |',
+              '|---|' + '---|' * (len(judge.MISSES) + 3)]
     for name, d in diagnosis.items():
       lines.append(f'| {name} | ' + ' | '.join(f'{d["not_found"][k]:.3f}' for k in judge.MISSES)
-                   + ' | ' + ' / '.join(f'{v:.3f}' for v in d['found_by_chunk']) + ' |')
+                   + ''.join(' | ' + ' / '.join(f'{v:.3f}' for v in d.get(key, ()))
+                             for key in ('found_by_chunk', 'found_by_frame'))
+                   + ' | ' + ' / '.join(f'{c} {v:.3f}' for c, v in
+                                        d.get('found_by_motion', {}).items()) + ' |')
   effects = result.get('ablation_effects') or {}
   if effects:
     keys = ('identity', 'adherence', 'overall', 'found')
