@@ -78,6 +78,9 @@ def test_chain_end_to_end(tmp_path):
     for s, by_frame in out['x0_mse_by_frame'].items():   # the per-frame split averages back
       assert len(by_frame) == len(out['data_var_by_frame'])
       np.testing.assert_allclose(np.mean(by_frame), out['x0_mse'][s], atol=2e-4)
+    for s, by_motion in out['x0_mse_by_motion'].items():   # and so does the per-motion one
+      weighted = sum(out['motions'][c] * v for c, v in by_motion.items()) / 2
+      np.testing.assert_allclose(weighted, out['x0_mse'][s], atol=2e-4)
     scores = {k: v for k, v in out['judge'].items() if k != 'not_found'}
     assert set(scores) == {'found', 'subject', 'shape', 'framing', 'identity'}
     assert all(0.0 <= v <= 1.0 for v in scores.values())

@@ -34,6 +34,7 @@ TEXTURES = ('solid', 'stripes', 'dot')                 # never captioned
 SETTINGS = ('room', 'field', 'street')                 # stripes / dots / checker background
 FRAMINGS = ('wide', 'medium', 'close-up')
 MOTIONS = ('static', 'pan left', 'pan right', 'zoom in', 'zoom out')
+CAMERAS = ('static', 'pan', 'zoom')                     # MOTIONS without their direction
 SPLITS = ('train', 'heldout')
 
 # Apparent protagonist radius (area-equivalent) as a fraction of frame height, per framing.
@@ -93,6 +94,11 @@ class Story:
 
 def shot_caption(shot: Shot, shape: str) -> str:
   return f'{_FRAMING_PHRASE[shot.framing]} of the {shape}; {_MOTION_PHRASE[shot.motion]}.'
+
+
+def camera(motion: str) -> str:
+  """The CAMERAS kind of a MOTIONS entry (a pan or zoom of either direction)."""
+  return motion.split()[0]
 
 
 def parse_shot_caption(caption: str) -> Tuple[Optional[str], Optional[str]]:

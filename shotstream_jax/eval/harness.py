@@ -250,14 +250,6 @@ def chunk_bounds(config) -> List[tuple]:
   return latent_bounds(config, config.model.chunk_frames)
 
 
-def _camera(motion: str) -> str:
-  """A StoryWorld camera motion without its direction: 'static', 'pan' or 'zoom'."""
-  return motion.split()[0]
-
-
-CAMERAS = tuple(dict.fromkeys(_camera(m) for m in sw.MOTIONS))
-
-
 def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
   """Why shots fail the judge's scene test (`found`, which gates identity, adherence and
   smoothness): {'not_found': {judge.MISSES kind: share of all shots}, 'found_by_chunk' and
@@ -280,12 +272,12 @@ def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
   for video, story in zip(videos, stories):
     for k, caption in enumerate(story.shot_captions()):
       shot = np.asarray(video[k * per_shot:(k + 1) * per_shot], np.float32)
-      cameras.append(_camera(story.shots[k].motion))
+      cameras.append(sw.camera(story.shots[k].motion))
       for key, bounds in parts.items():
         found[key].append([judge.measure_shot(shot[a:b], caption).found for a, b in bounds])
   share = lambda rows: [round(float(v), 4) for v in np.mean(rows, axis=0)]
   cameras = np.asarray(cameras)
-  kinds = [c for c in CAMERAS if np.any(cameras == c)]
+  kinds = [c for c in sw.CAMERAS if np.any(cameras == c)]
   whole = np.asarray([m.found for m in shots], np.float64)
   by_frame = np.asarray(found['found_by_frame'], np.float64)
   return dict(not_found=missed, **{key: share(rows) for key, rows in found.items()},

@@ -29,6 +29,7 @@ from PIL import Image
 
 from shotstream_jax.convert import vae as convert_vae
 from shotstream_jax.data import precompute as pc
+from shotstream_jax.data import storyworld as sw
 from shotstream_jax.eval import judge as judge_lib
 from shotstream_jax.io.video import to_uint8
 from shotstream_jax import loading
@@ -67,14 +68,23 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   x0 = batch['latents'][:, ctx:]
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
   velocity = jax.jit(lambda x, t: teacher_lib.frameconcat_velocity(m, params, cond, x, t, text))
-  x0_mse, x0_mse_by_frame = {}, {}
+  # The target shot's camera motion: a moving pattern is what the StoryWorld teachers get
+  # wrong most (README, "Where: in shots whose camera moves").
+  records = [src[i] for i in range(num)]
+  text_of = pc._text   # pylint: disable=protected-access
+  shot_captions = [text_of(r['shot_captions'][-1]) for r in records]
+  motions = [sw.parse_shot_caption(caption)[1] for caption in shot_captions]
+  cameras = np.asarray([sw.camera(m) if m else '' for m in motions])   # '': not stated
+  x0_mse, x0_mse_by_frame, x0_mse_by_motion = {}, {}, {}
   for s in SIGMAS:
     x_t = (1.0 - s) * x0 + s * noise
     pred = x_t - s * velocity(x_t, jnp.full((num,), 1000.0 * s))
-    err = jnp.square(pred - x0)
-    x0_mse[str(s)] = round(float(jnp.mean(err)), 4)
-    per_frame = jnp.mean(err, axis=tuple(i for i in range(err.ndim) if i != 1))
+    err = np.asarray(jnp.square(pred - x0))
+    x0_mse[str(s)] = round(float(np.mean(err)), 4)
+    per_frame = np.mean(err, axis=tuple(i for i in range(err.ndim) if i != 1))
     x0_mse_by_frame[str(s)] = [round(float(v), 4) for v in per_frame]
+    x0_mse_by_motion[str(s)] = {c: round(float(np.mean(err[cameras == c])), 4)
+                                for c in sw.CAMERAS if np.any(cameras == c)}
   fn = teacher_lib.guided_velocity_fn(m, params, cond, text, jnp.zeros_like(text[:1]),
                                       guidance=guidance)
   sample = jax.jit(lambda z: teacher_lib.euler(fn, z, num_steps, c.sampling.shift, ())[1])
@@ -84,10 +94,8 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   decode = jax.jit(lambda z: vae_lib.decode(vae, vae_params, z))
   gt_frames = _decode_all(decode, x0)
   sample_frames = _decode_all(decode, x)
-  records = [src[i] for i in range(num)]
   scores = judge_samples(to_uint8(gt_frames), to_uint8(sample_frames),
-                         [pc._text(r['global_caption']) for r in records],   # pylint: disable=protected-access
-                         [pc._text(r['shot_captions'][-1]) for r in records])  # pylint: disable=protected-access
+                         [text_of(r['global_caption']) for r in records], shot_captions)
   every = max(1, vae_lib.pixel_frames(c.vae, frames) // 5)
   show = min(num, 16)
   cols = [gt_frames[:show, ::every], sample_frames[:show, ::every]]
@@ -103,6 +111,8 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
             'data_var': round(float(jnp.var(x0)), 4),
             'data_var_by_frame': [round(float(v), 4) for v in jnp.var(x0, axis=(0, 2, 3, 4))],
             'x0_mse': x0_mse, 'x0_mse_by_frame': x0_mse_by_frame,
+            'x0_mse_by_motion': x0_mse_by_motion,
+            'motions': {c: int(np.sum(cameras == c)) for c in sw.CAMERAS},
             'sample_std': round(float(jnp.std(x)), 4), 'judge': scores, 'samples_png': png}
   with open(os.path.join(out, f'{stage}_probe.json'), 'w') as f:
     json.dump(result, f, indent=1)
