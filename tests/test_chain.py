@@ -79,7 +79,7 @@ def test_chain_end_to_end(tmp_path):
       assert len(by_frame) == len(out['data_var_by_frame'])
       np.testing.assert_allclose(np.mean(by_frame), out['x0_mse'][s], atol=2e-4)
     for s, by_motion in out['x0_mse_by_motion'].items():   # and so does the per-motion one
-      weighted = sum(out['motions'][c] * v for c, v in by_motion.items()) / 2
+      weighted = sum(out['motions'][c] * v for c, v in by_motion.items()) / out['num']
       np.testing.assert_allclose(weighted, out['x0_mse'][s], atol=2e-4)
     scores = {k: v for k, v in out['judge'].items() if k != 'not_found'}
     assert set(scores) == {'found', 'subject', 'shape', 'framing', 'identity'}

@@ -126,7 +126,7 @@ def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
     got = harness.diagnose(videos, stories, scores, config)
     assert got['not_found'] == {k: missed.get(k, 0.0) for k in judge.MISSES}
     assert got['found_by_chunk'] == by_chunk
-    cameras = [s.motion.split()[0] for st in stories for s in st.shots]
+    cameras = [sw.camera(s.motion) for st in stories for s in st.shots]
     assert set(got['found_by_motion']) == set(cameras)
     whole = 1.0 - sum(missed.values())   # every shot of a video here fares alike
     assert all(v == whole for v in got['found_by_motion'].values())
