@@ -14,7 +14,9 @@ runs and launch/evaluate.py --root reuse them; a different data: or model: value
 weights/storyworld_progress/export/vae.safetensors: stage 0 is then done).
 
 --set=step:field=value overrides a config field of one step (repeatable), e.g.
---set=teacher:train.num_steps=100 --set=model:sampling.fps=8 for a quick run.
+--set=teacher:train.num_steps=100 --set=model:sampling.fps=8 for a quick run. Values are JSON
+(a list sets a tuple: --set=model:model.patch_size=[1,2,2]); a bad one stops the run before
+anything is recorded.
 """
 
 import json

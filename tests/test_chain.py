@@ -18,6 +18,7 @@ from shotstream_jax import pipeline
 from shotstream_jax.training import chain as chain_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import shotstream as model_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from launch import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # A shrunken storyworld preset: a 1-layer DiT, a base-4 VAE, 8 + 4 stories, 2 steps a stage.
@@ -152,6 +153,23 @@ def test_parse_overrides():
                  'model': {'model.rope.theta': 0.5}}
   with pytest.raises(ValueError, match='expected step:dotted.field=value'):
     chain_lib.parse_overrides(['teacher.train.num_steps=5'])
+
+
+def test_apply_overrides_tuples_and_types():
+  c = model_configs.get_config('tiny')
+  got = chain_lib.apply_overrides(
+      c, chain_lib.parse_overrides(['model:model.patch_size=[1,2,2]'])['model'])
+  assert got.model.patch_size == (1, 2, 2)   # a JSON list sets a tuple field
+  with pytest.raises(ValueError, match=r"override model.dim: 'wide' is not a int"):
+    chain_lib.apply_overrides(c, {'model.dim': 'wide'})
+
+
+def test_bad_override_records_nothing(tmp_path):
+  root = str(tmp_path / 'r')
+  with pytest.raises(ValueError, match='override model.patch_size'):
+    chain_lib.run_chain(root, 'storyworld', {'model': {'model.patch_size': '(1,2,2)'}},
+                        steps=['text'])
+  assert not os.path.exists(os.path.join(root, chain_lib.OVERRIDES))   # a fixed rerun may run
 
 
 def test_merge_overrides():

@@ -238,6 +238,8 @@ def run_chain(root: str, preset: str = 'storyworld', overrides=None,
   bad = [s for s in todo if s not in STEPS]
   if bad:
     raise ValueError(f'steps: unknown {bad}; accepted: {", ".join(STEPS)}')
+  for step in STEPS:   # every override must apply before the root records it
+    chain.config(step)
   os.makedirs(chain.root, exist_ok=True)
   _write_json(chain.root, OVERRIDES, chain.overrides)
   if carry:
@@ -329,7 +331,13 @@ def apply_overrides(config, overrides: dict):
       node = node[p]
     if leaf not in node:
       raise ValueError(f'override {key}: no field {leaf!r}')
-    node[leaf] = value
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+      value = tuple(value)   # JSON has no tuples: --set=model:model.patch_size=[1,2,2]
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f'override {key}: {value!r} is not a {type(node[leaf]).__name__} '
+                       f'(the field holds {node[leaf]!r}; values are JSON)') from e
   return config
 
 
