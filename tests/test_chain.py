@@ -82,6 +82,9 @@ def test_chain_end_to_end(tmp_path):
     for s, by_motion in out['x0_mse_by_motion'].items():   # and so does the per-motion one
       weighted = sum(out['motions'][c] * v for c, v in by_motion.items()) / out['num']
       np.testing.assert_allclose(weighted, out['x0_mse'][s], atol=2e-4)
+      for c, frames in out['x0_mse_by_frame_and_motion'][s].items():   # both, to each one
+        assert len(frames) == len(by_frame)
+        np.testing.assert_allclose(np.mean(frames), by_motion[c], atol=2e-4)
     scores = {k: v for k, v in out['judge'].items() if k != 'not_found'}
     assert set(scores) == {'found', 'subject', 'shape', 'framing', 'identity'}
     assert all(0.0 <= v <= 1.0 for v in scores.values())

@@ -4,7 +4,10 @@ On `num` held-out examples (the stage's own example layout: single images for te
 [ground-truth context | last shot] for teacher), seed 0:
   * x0_mse[sigma]: mean squared error of the teacher's x0 prediction (x_t - sigma v) from
     x_t = (1 - sigma) x0 + sigma eps, in units of the data (`data_var` beside it);
-    `x0_mse_by_frame` splits it by latent frame (a frame the teacher gets wrong stands out);
+    `x0_mse_by_frame` splits it by latent frame (a frame the teacher gets wrong stands out),
+    `x0_mse_by_motion` by the target shot's camera motion (static / pan / zoom) and
+    `x0_mse_by_frame_and_motion` by both (is a moving shot's first frame as good as a still
+    one's?);
   * samples: `num_steps` Euler steps with CFG `guidance` (uncond = zero text rows, as stage 2)
     from fresh noise, decoded by the chain's VAE; `<out>/<stage>_samples.png` rows are examples
     (the first 16), columns: the first context frame (teacher), ground-truth frames, then
@@ -75,16 +78,18 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   shot_captions = [text_of(r['shot_captions'][-1]) for r in records]
   motions = [sw.parse_shot_caption(caption)[1] for caption in shot_captions]
   cameras = np.asarray([sw.camera(m) if m else '' for m in motions])   # '': not stated
-  x0_mse, x0_mse_by_frame, x0_mse_by_motion = {}, {}, {}
+  x0_mse, x0_mse_by_frame, x0_mse_by_motion, x0_mse_by_frame_and_motion = {}, {}, {}, {}
+  kinds = [c for c in sw.CAMERAS if np.any(cameras == c)]
   for s in SIGMAS:
     x_t = (1.0 - s) * x0 + s * noise
     pred = x_t - s * velocity(x_t, jnp.full((num,), 1000.0 * s))
     err = np.asarray(jnp.square(pred - x0))
     x0_mse[str(s)] = round(float(np.mean(err)), 4)
-    per_frame = np.mean(err, axis=tuple(i for i in range(err.ndim) if i != 1))
-    x0_mse_by_frame[str(s)] = [round(float(v), 4) for v in per_frame]
-    x0_mse_by_motion[str(s)] = {c: round(float(np.mean(err[cameras == c])), 4)
-                                for c in sw.CAMERAS if np.any(cameras == c)}
+    per_frame = np.mean(err, axis=tuple(i for i in range(2, err.ndim)))   # [num, frames]
+    x0_mse_by_frame[str(s)] = [round(float(v), 4) for v in per_frame.mean(0)]
+    x0_mse_by_motion[str(s)] = {c: round(float(np.mean(err[cameras == c])), 4) for c in kinds}
+    x0_mse_by_frame_and_motion[str(s)] = {
+        c: [round(float(v), 4) for v in per_frame[cameras == c].mean(0)] for c in kinds}
   fn = teacher_lib.guided_velocity_fn(m, params, cond, text, jnp.zeros_like(text[:1]),
                                       guidance=guidance)
   sample = jax.jit(lambda z: teacher_lib.euler(fn, z, num_steps, c.sampling.shift, ())[1])
@@ -112,6 +117,7 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
             'data_var_by_frame': [round(float(v), 4) for v in jnp.var(x0, axis=(0, 2, 3, 4))],
             'x0_mse': x0_mse, 'x0_mse_by_frame': x0_mse_by_frame,
             'x0_mse_by_motion': x0_mse_by_motion,
+            'x0_mse_by_frame_and_motion': x0_mse_by_frame_and_motion,
             'motions': {c: int(np.sum(cameras == c)) for c in sw.CAMERAS},
             'sample_std': round(float(jnp.std(x)), 4), 'judge': scores, 'samples_png': png}
   with open(os.path.join(out, f'{stage}_probe.json'), 'w') as f:

@@ -238,7 +238,7 @@ def run_chain(root: str, preset: str = 'storyworld', overrides=None,
   bad = [s for s in todo if s not in STEPS]
   if bad:
     raise ValueError(f'steps: unknown {bad}; accepted: {", ".join(STEPS)}')
-  for step in STEPS:   # every override must apply before the root records it
+  for step in TRAIN_CONFIGS:   # every override must apply before the root records it
     chain.config(step)
   os.makedirs(chain.root, exist_ok=True)
   _write_json(chain.root, OVERRIDES, chain.overrides)
