@@ -11,8 +11,8 @@ with fp32 master weights, per-block remat, on precomputed shards (`data.train_di
 VAE (launch/reproduce.py chains it): every param, AdamW with momentum and warm-up (from
 scratch, not a fine-tune), the 'snr_clamp' loss weighting (not the reference's bump, which
 gives almost no weight at t > 700 where the student's steps and the DMD scores sit; not the
-uniform weighting, under which the x0 head's lowest noise levels dominate: README, seventh
-attempt), whole 6-latent shots, and
+uniform weighting, under which the x0 head's lowest noise levels dominate: seventh attempt,
+weights/storyworld_progress/HISTORY.md), whole 6-latent shots, and
 4 stage-1a images of each story beside it (`teacher.image_mix`: keeps what stage 1a learned).
 """
 

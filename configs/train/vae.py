@@ -32,7 +32,8 @@ def get_config(arg: str = 'storyworld') -> ml_collections.ConfigDict:
   v.latent_l2 = 1e-3          # + latent_l2 * mean(mu^2): bounds the latent scale
   # + temporal_consistency * latent drift: a later latent stays the latent of its last frame
   # encoded alone, so latents carry no time position (training/vae_stage.py docstring).
-  # storyworld: held-out drift 1.79 -> 0.04 at equal PSNR (README: eighth attempt).
+  # storyworld: held-out drift 1.79 -> 0.04 at equal PSNR (eighth attempt:
+  # weights/storyworld_progress/HISTORY.md).
   v.temporal_consistency = 0.1 if preset == 'storyworld' else 0.0
   v.edge = 0.0                # + edge x L1 of the error's spatial differences (sharp corners)
   # + latent_mix x the error of decoding a mix of two clips' latents against the mix of their
