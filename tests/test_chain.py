@@ -163,7 +163,7 @@ def test_apply_overrides_tuples_and_types():
   got = chain_lib.apply_overrides(
       c, chain_lib.parse_overrides(['model:model.patch_size=[1,2,2]'])['model'])
   assert got.model.patch_size == (1, 2, 2)   # a JSON list sets a tuple field
-  with pytest.raises(ValueError, match=r"override model.dim: 'wide' is not a int"):
+  with pytest.raises(ValueError, match=r"override model.dim: 'wide' is not of type int"):
     chain_lib.apply_overrides(c, {'model.dim': 'wide'})
 
 

@@ -336,7 +336,7 @@ def apply_overrides(config, overrides: dict):
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ValueError(f'override {key}: {value!r} is not a {type(node[leaf]).__name__} '
+      raise ValueError(f'override {key}: {value!r} is not of type {type(node[leaf]).__name__} '
                        f'(the field holds {node[leaf]!r}; values are JSON)') from e
   return config
 
