@@ -173,6 +173,8 @@ def test_bad_override_records_nothing(tmp_path):
     chain_lib.run_chain(root, 'storyworld', {'model': {'model.patch_size': '(1,2,2)'}},
                         steps=['text'])
   assert not os.path.exists(os.path.join(root, chain_lib.OVERRIDES))   # a fixed rerun may run
+  with pytest.raises(ValueError, match=r"no config for step\(s\) \['text'\]"):
+    chain_lib.run_chain(root, 'storyworld', {'text': {'train.num_steps': 3}}, steps=['text'])
 
 
 def test_merge_overrides():

@@ -69,10 +69,11 @@ class Chain:
     self.root = os.path.abspath(root)
     self.preset = preset
     self.overrides = merge_overrides(read_overrides(self.root), overrides or {}, self.root)
-    unknown = sorted(set(self.overrides) - set(STEPS) - set(SHARED))
+    # Only training steps have a config to override (text, precompute, ... read data / model).
+    unknown = sorted(set(self.overrides) - set(TRAIN_CONFIGS) - set(SHARED))
     if unknown:
-      raise ValueError(f'overrides: unknown step(s) {unknown}; accepted: data, model, '
-                       f'{", ".join(STEPS)}')
+      raise ValueError(f'overrides: no config for step(s) {unknown}; accepted: data, model, '
+                       f'{", ".join(TRAIN_CONFIGS)}')
     self.data_dir = self.path('data')
     self.vae_file = self.path('export', 'vae.safetensors')
     # Teachers as files: only ever carried in (launch/export.py of a finished workdir); when
