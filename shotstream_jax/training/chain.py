@@ -48,10 +48,10 @@ from shotstream_jax.training import inputs as inputs_lib
 from shotstream_jax.training import train_loop
 from shotstream_jax.training import vae_stage
 
-STEPS = ('vae', 'vae_decoder', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher', 'ode',
-         'dmd_intra', 'dmd_inter', 'model')
-TRAIN_CONFIGS = {'vae': 'vae', 'vae_decoder': 'vae_decoder', 'teacher_image': 'teacher_image', 'teacher': 'teacher',
-                 'ode': 'ode_init', 'dmd_intra': 'dmd_intra',
+STEPS = ('vae', 'vae_decoder', 'vae_export', 'text', 'precompute', 'teacher_image', 'teacher',
+         'ode', 'dmd_intra', 'dmd_inter', 'model')
+TRAIN_CONFIGS = {'vae': 'vae', 'vae_decoder': 'vae_decoder', 'teacher_image': 'teacher_image',
+                 'teacher': 'teacher', 'ode': 'ode_init', 'dmd_intra': 'dmd_intra',
                  'dmd_inter': 'dmd_inter'}   # configs/train/<name>.py
 TIMES = 'chain.json'
 OVERRIDES = 'overrides.json'
@@ -100,8 +100,8 @@ class Chain:
 
   def _products(self) -> Dict[str, str]:
     """Training steps whose product may be a file (stage 0's export, carried teachers)."""
-    return {'vae': self.vae_file, 'vae_decoder': self.vae_file, 'teacher_image': self.teacher_image_file,
-            'teacher': self.teacher_file}
+    return {'vae': self.vae_file, 'vae_decoder': self.vae_file,
+            'teacher_image': self.teacher_image_file, 'teacher': self.teacher_file}
 
   def config(self, step: str):
     """The training config of `step`, wired to this chain's data and earlier stages."""
