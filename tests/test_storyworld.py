@@ -94,3 +94,13 @@ def test_builder_deterministic_and_matches_renderer(tmp_path):
     if '.array_record' in f:
       with open(os.path.join(paths[0], f), 'rb') as x, open(os.path.join(paths[1], f), 'rb') as y:
         assert x.read() == y.read(), f
+
+
+def test_mean_by_camera_splits_rows_by_kind():
+  cameras = ['pan', 'static', 'pan', '', 'zoom']   # '': a caption that states no motion
+  got = sw.mean_by_camera([1.0, 0.0, 0.5, 9.0, 0.25], cameras)
+  assert got == {'static': 0.0, 'pan': 0.75, 'zoom': 0.25}   # the unstated row is in none
+  rows = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+  assert sw.mean_by_camera(rows, cameras) == {'static': [3.0, 4.0], 'pan': [3.0, 4.0],
+                                               'zoom': [9.0, 10.0]}
+  assert sw.mean_by_camera([1.0, 2.0], ['static', 'static']) == {'static': 1.5}

@@ -101,6 +101,22 @@ def camera(motion: str) -> str:
   return motion.split()[0]
 
 
+def mean_by_camera(values, cameras, digits: int = 4) -> dict:
+  """{CAMERAS kind: the mean of the rows of `values` whose entry in `cameras` is that kind}
+  (a float for 1-D `values`, a list per column for 2-D), rounded; absent kinds are left out.
+
+  Why one definition: the harness (shots found) and the teacher probe (x0 error) both split
+  their numbers by the caption's camera motion, and the README compares the two splits."""
+  values, cameras = np.asarray(values, np.float64), np.asarray(cameras)
+  out = {}
+  for kind in CAMERAS:
+    if np.any(cameras == kind):
+      mean = values[cameras == kind].mean(0)
+      out[kind] = (round(float(mean), digits) if mean.ndim == 0
+                   else [round(float(v), digits) for v in mean])
+  return out
+
+
 def parse_shot_caption(caption: str) -> Tuple[Optional[str], Optional[str]]:
   """(framing, motion) stated by a StoryWorld shot caption; None for what it does not state."""
   text = caption.lower()

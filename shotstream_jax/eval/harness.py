@@ -276,13 +276,9 @@ def diagnose(videos, stories, scores: List[judge.Scores], config) -> dict:
       for key, bounds in parts.items():
         found[key].append([judge.measure_shot(shot[a:b], caption).found for a, b in bounds])
   share = lambda rows: [round(float(v), 4) for v in np.mean(rows, axis=0)]
-  cameras = np.asarray(cameras)
-  kinds = [c for c in sw.CAMERAS if np.any(cameras == c)]
-  whole = np.asarray([m.found for m in shots], np.float64)
-  by_frame = np.asarray(found['found_by_frame'], np.float64)
   return dict(not_found=missed, **{key: share(rows) for key, rows in found.items()},
-              found_by_motion={c: round(float(whole[cameras == c].mean()), 4) for c in kinds},
-              found_by_frame_and_motion={c: share(by_frame[cameras == c]) for c in kinds})
+              found_by_motion=sw.mean_by_camera([m.found for m in shots], cameras),
+              found_by_frame_and_motion=sw.mean_by_camera(found['found_by_frame'], cameras))
 
 
 def mean_se(x) -> dict:

@@ -79,7 +79,6 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
   motions = [sw.parse_shot_caption(caption)[1] for caption in shot_captions]
   cameras = np.asarray([sw.camera(m) if m else '' for m in motions])   # '': not stated
   x0_mse, x0_mse_by_frame, x0_mse_by_motion, x0_mse_by_frame_and_motion = {}, {}, {}, {}
-  kinds = [c for c in sw.CAMERAS if np.any(cameras == c)]
   for s in SIGMAS:
     x_t = (1.0 - s) * x0 + s * noise
     pred = x_t - s * velocity(x_t, jnp.full((num,), 1000.0 * s))
@@ -87,9 +86,8 @@ def probe(root: str, stage: str = 'teacher', num: int = 8, guidance: float = 2.5
     x0_mse[str(s)] = round(float(np.mean(err)), 4)
     per_frame = np.mean(err, axis=tuple(i for i in range(2, err.ndim)))   # [num, frames]
     x0_mse_by_frame[str(s)] = [round(float(v), 4) for v in per_frame.mean(0)]
-    x0_mse_by_motion[str(s)] = {c: round(float(np.mean(err[cameras == c])), 4) for c in kinds}
-    x0_mse_by_frame_and_motion[str(s)] = {
-        c: [round(float(v), 4) for v in per_frame[cameras == c].mean(0)] for c in kinds}
+    x0_mse_by_motion[str(s)] = sw.mean_by_camera(per_frame.mean(1), cameras)
+    x0_mse_by_frame_and_motion[str(s)] = sw.mean_by_camera(per_frame, cameras)
   fn = teacher_lib.guided_velocity_fn(m, params, cond, text, jnp.zeros_like(text[:1]),
                                       guidance=guidance)
   sample = jax.jit(lambda z: teacher_lib.euler(fn, z, num_steps, c.sampling.shift, ())[1])
