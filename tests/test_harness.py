@@ -122,7 +122,7 @@ def test_diagnose_tells_a_lost_scene_from_a_repainted_one():
   truth = [harness._render(config, st) for st in stories]
 
   def check(videos, missed, by_chunk):
-    scores = [harness._judge(v, st) for v, st in zip(videos, stories)]
+    scores = [harness.judge_story(v, st) for v, st in zip(videos, stories)]
     got = harness.diagnose(videos, stories, scores, config)
     assert got['not_found'] == {k: missed.get(k, 0.0) for k in judge.MISSES}
     assert got['found_by_chunk'] == by_chunk

@@ -77,7 +77,8 @@ class Models:
   uncond: Optional[np.ndarray] = None  # teacher CFG text rows [L, D] (default zeros)
 
 
-def _encoder(m: Models):
+def prompt_encoder(m: Models):
+  """The text encoder of `m` (its tokenizer folder and frozen umT5) for the pipelines."""
   tok = tokenizer_lib.UMT5Tokenizer(m.tokenizer_path, m.config.text.text_len)
   return text_lib.PromptEncoder(m.text_params, m.config.text, tok)
 
@@ -143,15 +144,18 @@ def _jit_round_trip(vae):
   return _ROUND_TRIPS[key]
 
 
-def _judge(frames, story) -> judge.Scores:
+def judge_story(frames, story) -> judge.Scores:
+  """The judge's scores of a generated story's frames against its captions."""
   return judge.judge_video(frames, story.shot_captions(), global_caption=story.global_caption())
 
 
-def _means(scores: List[judge.Scores]) -> dict:
+def mean_scores(scores: List[judge.Scores]) -> dict:
+  """{KEYS entry: its mean over stories}: a harness row."""
   return {k: round(float(np.mean([getattr(s, k) for s in scores])), 4) for k in KEYS}
 
 
-def _generate_all(pipe, stories, seed, progress, name) -> List[np.ndarray]:
+def generate_all(pipe, stories, seed, progress, name) -> List[np.ndarray]:
+  """Every story through `pipe`, story i with generation seed `seed + i` (every row's)."""
   it = tqdm.tqdm(stories, desc=name, leave=False, disable=not progress)
   return [pipe.generate(st.as_json(), seed=seed + i) for i, st in enumerate(it)]
 
@@ -173,12 +177,12 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
   config = models.config
   fps = vae_lib.pixel_frames(config.vae, config.sampling.shot_latent_frames)
   stories = held_out_stories(num_stories, seed)
-  encoder = _encoder(models)
+  encoder = prompt_encoder(models)
   rows, sheet, started, judged, diagnosis = {}, {}, time.time(), {}, {}
 
   def add(name, videos, cfg=config):
-    scores = [_judge(v, st) for v, st in zip(videos, stories)]
-    rows[name] = _means(scores)
+    scores = [judge_story(v, st) for v, st in zip(videos, stories)]
+    rows[name] = mean_scores(scores)
     judged[name] = scores
     diagnosis[name] = diagnose(videos, stories, scores, cfg)
     sheet[name] = [v for v in videos[:sheet_stories]]
@@ -198,17 +202,17 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
                                          pipeline_lib.latent_size(config), uncond,
                                          models.teacher_guidance, models.teacher_steps)
     add(f'teacher ({models.teacher_steps} Euler steps, CFG {models.teacher_guidance:g})',
-        _generate_all(pipe(models.teacher, sampler=sampler), stories, seed, progress, 'teacher'))
+        generate_all(pipe(models.teacher, sampler=sampler), stories, seed, progress, 'teacher'))
   for name in STUDENTS:
     if name in models.generators:
-      add(name, _generate_all(pipe(models.generators[name]), stories, seed, progress, name))
+      add(name, generate_all(pipe(models.generators[name]), stories, seed, progress, name))
 
   final = models.generators.get(STUDENTS[-1])
   effects = {}
   if final is not None:
     for name in ablations or []:
       ablated = _with(config, ABLATIONS[name])
-      add(f'ablation: {name}', _generate_all(pipe(final, ablated), stories, seed, progress,
+      add(f'ablation: {name}', generate_all(pipe(final, ablated), stories, seed, progress,
                                              name), ablated)
       effects[name] = paired_differences(judged[f'ablation: {name}'], judged[STUDENTS[-1]])
 
@@ -217,9 +221,10 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
     longs = held_out_stories(long_stories, seed, (long_shots, long_shots), offset=100000)
     for name in STUDENTS[1:]:
       if name in models.generators:
-        videos = _generate_all(pipe(models.generators[name]), longs, seed, progress,
+        videos = generate_all(pipe(models.generators[name]), longs, seed, progress,
                                f'{name}, {long_shots} shots')
-        to_first = np.array([_judge(v, st).identity_to_first for v, st in zip(videos, longs)])
+        to_first = np.array([judge_story(v, st).identity_to_first
+                             for v, st in zip(videos, longs)])
         per_k = to_first.mean(0)
         accumulation[name] = [round(float(x), 4) for x in per_k]
         per_story[name] = to_first.mean(1)
@@ -339,7 +344,7 @@ def _device() -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def _pm(v: dict, fmt: str = '.3f') -> str:
+def plus_minus(v: dict, fmt: str = '.3f') -> str:
   """A `mean_se` dict as 'mean +- se' ('n/a' for the error of a single value)."""
   return f'{v["mean"]:{fmt}} +- ' + ('n/a' if v['se'] is None else f'{v["se"]:.3f}')
 
@@ -371,7 +376,7 @@ def markdown(result: dict) -> str:
               'error over stories):', '', '| ablation | ' + ' | '.join(keys) + ' |',
               '|---|' + '---|' * len(keys)]
     for name, d in effects.items():
-      lines.append(f'| {name} | ' + ' | '.join(_pm(d[k], '+.3f') for k in keys) + ' |')
+      lines.append(f'| {name} | ' + ' | '.join(plus_minus(d[k], '+.3f') for k in keys) + ' |')
   acc = result.get('identity_vs_first_shot') or {}
   if acc:
     n = result['long_shots']
@@ -383,7 +388,7 @@ def markdown(result: dict) -> str:
     means = result.get('long_identity') or {}
     if means:
       lines += ['', f'Mean over k = 2..{n} +- standard error over stories: ' + '; '.join(
-          f'{name} {_pm(v)}' for name, v in means.items())
+          f'{name} {plus_minus(v)}' for name, v in means.items())
           + ' (the difference paired story by story).']
   sp = result.get('speed') or {}
   if sp:
