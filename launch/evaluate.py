@@ -54,9 +54,7 @@ def main(argv):
   paths = cli.exit_on_user_error(evaluate, _CONFIG.value, _ROOT.value, _MODEL_DIR.value,
                                  _OUT.value, _NUM_STORIES.value, _SEED.value, _LONG.value,
                                  _ABLATIONS.value, _SPEED.value)
-  with open(paths['md']) as f:
-    print(f.read())
-  print(f'evaluate: {", ".join(paths.values())}')
+  cli.print_report(paths, 'evaluate')
 
 
 if __name__ == '__main__':

@@ -17,6 +17,13 @@ def exit_on_user_error(fn, *args, **kwargs):
     sys.exit(2)
 
 
+def print_report(paths, tool: str):
+  """Prints a report's markdown (`paths['md']`), then `<tool>: <every written path>`."""
+  with open(paths['md']) as f:
+    print(f.read())
+  print(f'{tool}: {", ".join(paths.values())}')
+
+
 def quiet_logs():
   """absl INFO lines (jax backend probing, orbax per-step bookkeeping) off unless the user
   passed --verbosity; warnings and our own output stay."""

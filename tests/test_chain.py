@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from shotstream_jax import embedded
+from shotstream_jax.eval import compare
 from shotstream_jax.eval import teacher_probe
 from shotstream_jax import loading
 from shotstream_jax import pipeline
@@ -100,6 +101,14 @@ def test_chain_end_to_end(tmp_path):
                          'shot2': 'Close-up shot of the circle; the camera pans left.'})
   assert video.shape == (2 * pipe.frames_per_shot, 32, 32, 3) and pipe.frames_per_shot == 11
   assert video.dtype == np.uint8
+  # launch/compare.py reads a chain's steps and its teacher: the model directory holds the
+  # stage-4 generator, so its videos (and scores) are the dmd_inter step's, to the bit.
+  models, entries = compare.load({'stage 4': f'{root}:dmd_inter', 'model dir': ch.model_dir,
+                                  'teacher': f'{root}:teacher'}, config)
+  assert entries['teacher'][1] is not None and entries['stage 4'][1] is None
+  got = compare.compare(models, entries, num_stories=1, progress=False)
+  assert got['rows']['model dir'] == got['rows']['stage 4'] and set(got['rows']) == {
+      'stage 4', 'model dir', 'teacher'}
   with open(os.path.join(ch.path('precomputed', 'train'), 'meta.json')) as f:
     meta = json.load(f)
   assert meta['num_examples'] == 8 and meta['weights']['vae'].endswith('vae.safetensors')

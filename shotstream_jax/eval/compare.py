@@ -8,9 +8,10 @@ Why: the harness' rows of two runs differ by a few hundredths on 32 stories, whi
 scores differ from the next story's by far more; whether a new model beats the shipped one is
 only settled by generating both on the same stories and seeds and reading the differences
 story by story, with a standard error (README: the fourteenth attempt was level with the
-shipped model on 256 stories where its 32-story row looked better). Every DiT runs through the
-4-step streaming pipeline; the VAE, text encoder and tokenizer must be the same files for all
-of them (only the DiT differs, so a difference is the DiT's).
+shipped model on 256 stories where its 32-story row looked better). Every student runs through the
+4-step streaming pipeline, a chain's teacher as the harness' teacher row (50 Euler steps with
+CFG); the VAE, text encoder and tokenizer must be the same files for all of them (only the DiT
+differs, so a difference is the DiT's).
 """
 
 import hashlib
@@ -22,8 +23,10 @@ from shotstream_jax.eval import harness
 from shotstream_jax import pipeline as pipeline_lib
 from shotstream_jax.training import chain as chain_lib
 
-# A chain step whose generator a spec may name (ROOT:STEP), and its harness row.
+# A chain step whose generator a spec may name (ROOT:STEP), and its harness row; ROOT:teacher
+# names the chain's stage-1 teacher, generating as the harness' teacher row does.
 STEPS = dict(zip(('ode', 'dmd_intra', 'dmd_inter'), harness.STUDENTS))
+TEACHER = 'teacher'
 
 
 def _digest(path: str) -> str:
@@ -45,38 +48,42 @@ def _shared_files(spec: str) -> Tuple[str, str, str]:
   return p['vae_path'], p['text_path'], p['tokenizer_path']
 
 
-def load(specs: Dict[str, str], config=None) -> Tuple[harness.Models, Dict[str, object]]:
-  """(the first spec's Models, {name: DiT params}) of `specs`: name -> a model directory
-  (`weights/storyworld`, read with `config`) or ROOT:STEP, a `launch/reproduce.py` root and
-  one of STEPS (its networks at the sizes the run recorded)."""
+def load(specs: Dict[str, str], config=None) -> Tuple[harness.Models, Dict[str, tuple]]:
+  """(the first spec's Models, {name: (DiT params, sampler: None for the 4-step student's)})
+  of `specs`: name -> a model directory (`weights/storyworld`, read with `config`) or
+  ROOT:STEP, a `launch/reproduce.py` root and one of STEPS or TEACHER (its networks at the
+  sizes the run recorded)."""
   if not specs:
     raise ValueError('models: give at least one name=model_dir or name=ROOT:STEP')
   first, generators = None, {}
   for name, spec in specs.items():
     if ':' in spec:
       root, step = spec.rsplit(':', 1)
-      if step not in STEPS:
-        raise ValueError(f'models: {name}={spec}: step {step!r}; accepted: {", ".join(STEPS)}')
+      if step not in STEPS and step != TEACHER:
+        raise ValueError(f'models: {name}={spec}: step {step!r}; accepted: '
+                         f'{", ".join(STEPS)}, {TEACHER}')
       models = harness.models_from_chain(root)
-      if STEPS[step] not in models.generators:
+      params = (models.teacher if step == TEACHER
+                else models.generators.get(STEPS[step]))
+      if params is None:
         raise ValueError(f'models: {name}={spec}: step {step} of {root} has not finished')
-      params = models.generators[STEPS[step]]
+      entry = (params, harness.teacher_sampler(models) if step == TEACHER else None)
     else:
       if not os.path.isdir(spec):
         raise FileNotFoundError(f'models: {name}={spec} is not a model directory or ROOT:STEP')
       models = harness.models_from_dir(spec, config)
-      params = models.generators[harness.STUDENTS[-1]]
+      entry = (models.generators[harness.STUDENTS[-1]], None)
     if first is None:
       first, first_spec = models, spec
       shared = [_digest(f) for f in _shared_files(spec)]
     elif [_digest(f) for f in _shared_files(spec)] != shared:
       raise ValueError(f'models: {name}={spec} has another VAE, text encoder or tokenizer than '
                        f'{first_spec}; only DiTs that share them are compared')
-    generators[name] = params
+    generators[name] = entry
   return first, generators
 
 
-def compare(models: harness.Models, generators: Dict[str, object], num_stories: int = 256,
+def compare(models: harness.Models, generators: Dict[str, tuple], num_stories: int = 256,
             seed: int = 0, progress: bool = True) -> dict:
   """{'rows': {name: mean judge scores}, 'found_by_motion': {name: {camera: share found}},
   'paired': {name: {score: mean_se(name - first)}} for every name after the first, 'baseline':
@@ -86,8 +93,8 @@ def compare(models: harness.Models, generators: Dict[str, object], num_stories: 
   stories = harness.held_out_stories(num_stories, seed)
   encoder = harness.prompt_encoder(models)
   rows, by_motion, judged = {}, {}, {}
-  for name, params in generators.items():
-    pipe = pipeline_lib.ShotStreamPipeline(config, params, models.vae_params, encoder)
+  for name, (params, sampler) in generators.items():
+    pipe = pipeline_lib.ShotStreamPipeline(config, params, models.vae_params, encoder, sampler)
     videos = harness.generate_all(pipe, stories, seed, progress, name)
     judged[name] = [harness.judge_story(v, st) for v, st in zip(videos, stories)]
     rows[name] = harness.mean_scores(judged[name])

@@ -144,6 +144,21 @@ def _jit_round_trip(vae):
   return _ROUND_TRIPS[key]
 
 
+def teacher_sampler(models: Models):
+  """The sampler the teacher generates with: Euler + CFG over [context | target], shot by
+  shot on its own earlier shots, with `models`' guidance, steps and unconditional rows."""
+  config = models.config
+  uncond = models.uncond if models.uncond is not None else np.zeros(
+      (config.model.text_len, config.model.text_dim), np.float32)
+  return teacher_lib.TeacherSampler(config.model, config.sampling,
+                                    pipeline_lib.latent_size(config), uncond,
+                                    models.teacher_guidance, models.teacher_steps)
+
+
+def teacher_row(models: Models) -> str:
+  return f'teacher ({models.teacher_steps} Euler steps, CFG {models.teacher_guidance:g})'
+
+
 def judge_story(frames, story) -> judge.Scores:
   """The judge's scores of a generated story's frames against its captions."""
   return judge.judge_video(frames, story.shot_captions(), global_caption=story.global_caption())
@@ -196,13 +211,8 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
     return pipeline_lib.ShotStreamPipeline(cfg, params, models.vae_params, encoder, sampler)
 
   if models.teacher is not None:
-    uncond = models.uncond if models.uncond is not None else np.zeros(
-        (config.model.text_len, config.model.text_dim), np.float32)
-    sampler = teacher_lib.TeacherSampler(config.model, config.sampling,
-                                         pipeline_lib.latent_size(config), uncond,
-                                         models.teacher_guidance, models.teacher_steps)
-    add(f'teacher ({models.teacher_steps} Euler steps, CFG {models.teacher_guidance:g})',
-        generate_all(pipe(models.teacher, sampler=sampler), stories, seed, progress, 'teacher'))
+    add(teacher_row(models), generate_all(pipe(models.teacher, sampler=teacher_sampler(models)),
+                                          stories, seed, progress, 'teacher'))
   for name in STUDENTS:
     if name in models.generators:
       add(name, generate_all(pipe(models.generators[name]), stories, seed, progress, name))
