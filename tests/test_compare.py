@@ -62,6 +62,8 @@ def test_compare_refuses_other_shared_files_and_bad_specs(tmp_path):
     compare.load({'shipped': SHIPPED, 'other': other}, _CFG)
   with pytest.raises(FileNotFoundError, match='nope=.* is not a model directory or ROOT:STEP'):
     compare.load({'nope': str(tmp_path / 'missing')}, _CFG)
+  with pytest.raises(FileNotFoundError, match='x=.*:ode: .* is not a reproduce.py root'):
+    compare.load({'x': f'{tmp_path}/missing:ode'}, _CFG)
   with pytest.raises(ValueError, match="'stage9'; accepted: ode, dmd_intra, dmd_inter, teacher"):
     compare.load({'x': f'{tmp_path}:stage9'}, _CFG)
 

@@ -62,6 +62,8 @@ def load(specs: Dict[str, str], config=None) -> Tuple[harness.Models, Dict[str, 
       if step not in STEPS and step != TEACHER:
         raise ValueError(f'models: {name}={spec}: step {step!r}; accepted: '
                          f'{", ".join(STEPS)}, {TEACHER}')
+      if not os.path.isdir(root):
+        raise FileNotFoundError(f'models: {name}={spec}: {root} is not a reproduce.py root')
       models = harness.models_from_chain(root)
       params = (models.teacher if step == TEACHER
                 else models.generators.get(STEPS[step]))
