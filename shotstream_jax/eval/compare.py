@@ -8,10 +8,10 @@ Why: the harness' rows of two runs differ by a few hundredths on 32 stories, whi
 scores differ from the next story's by far more; whether a new model beats the shipped one is
 only settled by generating both on the same stories and seeds and reading the differences
 story by story, with a standard error (README: the fourteenth attempt was level with the
-shipped model on 256 stories where its 32-story row looked better). Every student runs through the
-4-step streaming pipeline, a chain's teacher as the harness' teacher row (50 Euler steps with
-CFG); the VAE, text encoder and tokenizer must be the same files for all of them (only the DiT
-differs, so a difference is the DiT's).
+shipped model on 256 stories where its 32-story row looked better). Every student runs
+through the 4-step streaming pipeline, a chain's teacher as the harness' teacher row (50 Euler
+steps with CFG); the VAE, text encoder and tokenizer must be the same files for all of them
+(only the DiT differs, so a difference is the DiT's).
 """
 
 import hashlib
@@ -55,7 +55,7 @@ def load(specs: Dict[str, str], config=None) -> Tuple[harness.Models, Dict[str, 
   sizes the run recorded)."""
   if not specs:
     raise ValueError('models: give at least one name=model_dir or name=ROOT:STEP')
-  first, generators = None, {}
+  first, generators, chains = None, {}, {}   # chains: root -> its Models, loaded once
   for name, spec in specs.items():
     if ':' in spec:
       root, step = spec.rsplit(':', 1)
@@ -64,7 +64,9 @@ def load(specs: Dict[str, str], config=None) -> Tuple[harness.Models, Dict[str, 
                          f'{", ".join(STEPS)}, {TEACHER}')
       if not os.path.isdir(root):
         raise FileNotFoundError(f'models: {name}={spec}: {root} is not a reproduce.py root')
-      models = harness.models_from_chain(root)
+      if root not in chains:
+        chains[root] = harness.models_from_chain(root)
+      models = chains[root]
       params = (models.teacher if step == TEACHER
                 else models.generators.get(STEPS[step]))
       if params is None:

@@ -156,6 +156,7 @@ def teacher_sampler(models: Models):
 
 
 def teacher_row(models: Models) -> str:
+  """The teacher's row name, its steps and guidance in it."""
   return f'teacher ({models.teacher_steps} Euler steps, CFG {models.teacher_guidance:g})'
 
 
@@ -223,7 +224,7 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
     for name in ablations or []:
       ablated = _with(config, ABLATIONS[name])
       add(f'ablation: {name}', generate_all(pipe(final, ablated), stories, seed, progress,
-                                             name), ablated)
+                                            name), ablated)
       effects[name] = paired_differences(judged[f'ablation: {name}'], judged[STUDENTS[-1]])
 
   accumulation, per_story = {}, {}
@@ -232,7 +233,7 @@ def evaluate(models: Models, num_stories: int = 32, seed: int = 0, ablations=Tru
     for name in STUDENTS[1:]:
       if name in models.generators:
         videos = generate_all(pipe(models.generators[name]), longs, seed, progress,
-                               f'{name}, {long_shots} shots')
+                              f'{name}, {long_shots} shots')
         to_first = np.array([judge_story(v, st).identity_to_first
                              for v, st in zip(videos, longs)])
         per_k = to_first.mean(0)
